@@ -1,0 +1,126 @@
+"""The ``stepdistill`` command: a thin entry point per subcommand (parse, build, run, clean up).
+
+User mistakes (missing file, bad YAML, unknown key, wrong type, existing run directory ...) print one
+line on stderr and exit 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from .errors import TrainingFault, UsageError
+
+EXIT_USAGE, EXIT_FAULT = 2, 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage errors: one line, exit 2
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _add_run_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. train.steps=200 method.guidance=3 (values are YAML)")
+    p.add_argument("--out", type=Path, help=f"run directory (default: runs/<config folder>-<config name>)")
+    p.add_argument("--max-steps", type=int, help=f"stop after N steps (smoke tests, quick tries); the LR "
+                                                  f"schedule still follows train.steps")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="stepdistill", description="Distil many-step diffusion models into 1-to-8-step "
+                                                     "students that load into stock Diffusers pipelines.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    p = sub.add_parser("train", help="distil a student from a config (DMD, TSCD, ...)",
+                       description="Train a few-step student. Writes RUN/config.yaml, RUN/metrics.jsonl, "
+                                   "RUN/checkpoints/ and RUN/student/ (LoRA or UNet + sampling.json).")
+    _add_run_args(p, "train")
+    p = sub.add_parser("pretrain", help="train a teacher / helper network (denoising, classifier, ...)",
+                       description="Pretrain a network with the same loop (teachers of the embedded "
+                                   "benchmarks, control LoRAs). Writes RUN/export/ with the result.")
+    _add_run_args(p, "pretrain")
+    return parser
+
+
+def _run_dir(args) -> Path:
+    if args.out is not None:
+        return args.out
+    cfg = Path(args.config)
+    return Path("runs") / f"{cfg.parent.name}-{cfg.stem}" if cfg.parent.name else Path("runs") / cfg.stem
+
+
+def cmd_run(args, kind: str) -> int:
+    from .config import dump_config, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from .trainers import Trainer, method_class
+
+    method = method_class(cfg.method.name)
+    if method.kind != kind:
+        other = "pretrain" if method.kind == "pretrain" else "train"
+        raise UsageError(f"method {cfg.method.name!r} is run with 'stepdistill {other}', not '{kind}'")
+    if args.dry_run:
+        sys.stdout.write(dump_config(cfg))
+        return 0
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UsageError("--max-steps must be >= 1")
+    run_dir = _run_dir(args)
+    if run_dir.exists() and any(run_dir.iterdir()) and not args.resume:
+        if not args.overwrite:
+            raise UsageError(f"run directory {run_dir} exists; pass --resume to continue it or --overwrite "
+                             f"to replace it")
+        if _is_main():
+            shutil.rmtree(run_dir)
+    trainer = Trainer(cfg, method, run_dir, max_steps=args.max_steps, resume=args.resume,
+                      show_progress=not args.quiet)
+    try:
+        out = trainer.fit()
+    except KeyboardInterrupt:
+        last = trainer.latest_checkpoint()
+        print(f"stepdistill: interrupted at step {trainer.step}; last checkpoint {last}; continue with --resume",
+              file=sys.stderr)
+        return 130
+    if out is not None and _is_main():
+        print(f"stepdistill: wrote {out}")
+    return 0
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        bad = [a for a in extra if a.startswith("-") or "=" not in a]
+        if bad:
+            raise UsageError(f"unrecognized arguments: {' '.join(bad)}")
+        if extra:
+            args.overrides = list(args.overrides) + extra
+        if args.command in ("train", "pretrain"):
+            return cmd_run(args, args.command)
+        handler = COMMANDS[args.command]
+        return handler(args)
+    except UsageError as e:
+        print(f"stepdistill: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrainingFault as e:
+        print(f"stepdistill: training stopped: {e}", file=sys.stderr)
+        return EXIT_FAULT
+
+
+COMMANDS: dict = {}
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Typed run configuration: pydantic schema, YAML loading, ``key=value`` dotted overrides, and errors that
+name the offending key (with the closest valid one) or field and expected type.
+
+A config file has four sections: ``method`` (which trainer, and its own options; the ``name`` field
+selects the schema), ``model`` (teacher / network), ``data`` and ``train`` (the loop: steps, batch,
+optimiser, precision, checkpoints). Every run directory gets ``config.yaml``, the resolved config.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UsageError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# ---- train loop ----------------------------------------------------------------------------------
+class OptimConfig(Strict):
+    """AdamW (Loshchilov & Hutter) with linear warmup to a constant learning rate."""
+
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null disables clipping")
+
+
+class EMAConfig(Strict):
+    decay: float | None = Field(None, ge=0, lt=1, description="EMA decay; null disables EMA")
+    networks: list[str] | None = Field(None, description="networks to average; null: the method's exported one")
+    warmup: bool = Field(False, description="Diffusers EMAModel decay warmup (1 - (1+s)/(10+s))")
+
+
+class TrainConfig(Strict):
+    steps: int = Field(1000, ge=1, description="total optimisation steps (the LR schedule uses this)")
+    batch_size: int = Field(64, ge=1, description="per-process batch size")
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    attention: Literal["auto", "sdpa", "xformers"] = "auto"
+    gradient_checkpointing: bool = False
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
+    optim: OptimConfig = OptimConfig()
+    optim_per_network: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-network overrides of `optim`, e.g. {fake_score: {lr: 2e-4}}")
+    ema: EMAConfig = EMAConfig()
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    log_with: Literal["auto", "none", "tensorboard"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (null: torch's default)")
+
+    def optim_for(self, network: str) -> OptimConfig:
+        extra = self.optim_per_network.get(network, {})
+        try:
+            return OptimConfig(**{**self.optim.model_dump(), **extra})
+        except ValidationError as e:
+            raise UsageError(f"train.optim_per_network.{network}: {_first_error(e)}") from None
+
+
+# ---- model ---------------------------------------------------------------------------------------
+class ModelConfig(Strict):
+    pretrained: str | None = Field(
+        None, description="teacher: 'asset:NAME' (shipped), a local Diffusers folder (pipeline or model), "
+                          "or 'toy2d' (exact mixture teacher)")
+    arch: dict[str, Any] | None = Field(None, description="network kwargs when training from scratch")
+    kind: Literal["auto", "mlp", "unet2d", "sd", "sdxl"] = "auto"
+    scheduler: dict[str, Any] = Field(default_factory=dict, description="scheduler config (from scratch)")
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = Field(
+        None, description="null: the teacher scheduler's")
+    init: str | None = Field(None, description="network to initialise students from ('asset:toy2d-mlp', a "
+                                                "folder); null: the teacher network")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.pretrained is None and self.arch is None:
+            raise ValueError("set model.pretrained (a teacher to load) or model.arch (a network to build)")
+        return self
+
+
+class LoRAConfig(Strict):
+    rank: int = Field(16, ge=1)
+    alpha: float | None = Field(None, description="null: equal to rank")
+    target_modules: list[str] | None = Field(None, description="null: the family's default layers")
+
+
+# ---- data ----------------------------------------------------------------------------------------
+class Toy2DData(Strict):
+    name: Literal["toy2d"] = "toy2d"
+    num_modes: int = Field(8, ge=1)
+    radius: float = Field(2.0, gt=0)
+    std: float = Field(0.1, gt=0)
+    means: list[tuple[float, float]] | None = Field(None, description="explicit means (override the ring)")
+    stds: list[float] | None = None
+    weights: list[float] | None = None
+    conditional: bool = Field(False, description="condition on the mode index")
+
+
+class DigitsData(Strict):
+    name: Literal["digits"] = "digits"
+    resolution: int = Field(16, ge=8)
+    split: Literal["train", "heldout", "all"] = "train"
+
+
+class DigitsSDData(Strict):
+    name: Literal["digits_sd"] = "digits_sd"
+    resolution: int = Field(16, ge=8)
+    split: Literal["train", "heldout", "all"] = "train"
+    empty_prompt_prob: float = Field(0.1, ge=0, le=1, description="share of empty prompts (CFG dropout)")
+    templates: list[str] | None = Field(None, description="prompt templates with {word} / {num}")
+
+
+class PromptsData(Strict):
+    name: Literal["prompts"] = "prompts"
+    file: str = Field(..., description="text file with one prompt per line")
+
+
+DataConfig = Annotated[Union[Toy2DData, DigitsData, DigitsSDData, PromptsData], Field(discriminator="name")]
+
+
+# ---- methods -------------------------------------------------------------------------------------
+class DenoisingConfig(Strict):
+    """Plain diffusion training (pretrains teachers; trains control LoRAs)."""
+
+    name: Literal["denoising"] = "denoising"
+    cond_dropout: float = Field(0.1, ge=0, le=1, description="share of null conditions, for CFG")
+    lora: LoRAConfig | None = Field(None, description="train a LoRA on the pretrained model instead")
+    loss_weights: dict[str, float] = Field(default_factory=lambda: {"denoise": 1.0})
+
+
+MethodConfig = Annotated[Union[DenoisingConfig], Field(discriminator="name")]
+
+
+class RunConfig(Strict):
+    method: MethodConfig
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+
+
+# ---- loading, overrides and errors ---------------------------------------------------------------
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), schema=RunConfig):
+    """Read YAML, apply ``a.b.c=value`` overrides (values parsed as YAML), validate; UsageError on any mistake."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise UsageError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        apply_override(raw, item)
+    return validate(raw, schema, source=str(path))
+
+
+def apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise UsageError(f"override {item!r} is not key=value (e.g. train.steps=100)")
+    key, _, value = item.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise UsageError(f"override key {key!r} is malformed")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = parsed
+
+
+def validate(raw: dict, schema=RunConfig, source: str = "config"):
+    _check_keys(raw, schema, ())
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as e:
+        raise UsageError(f"{source}: {_first_error(e)}") from None
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if not _is_tag(p))
+    msg = err["msg"]
+    if err["type"] == "missing":
+        return f"missing required key {loc!r}"
+    if err["type"] == "union_tag_invalid":
+        return f"{loc}: {msg}"
+    got = err.get("input")
+    got_s = f" (got {got!r})" if not isinstance(got, dict) else ""
+    return f"{loc}: {msg[0].lower() + msg[1:]}{got_s}" if loc else f"{msg}{got_s}"
+
+
+def _is_tag(p) -> bool:
+    return isinstance(p, str) and p in _ALL_TAGS
+
+
+def _union_members(annotation) -> list[type[BaseModel]]:
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (Union, getattr(__import__("types"), "UnionType", Union)) else (annotation,)
+    return [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+
+
+def _check_keys(raw: Any, model: type[BaseModel], loc: tuple[str, ...]) -> None:
+    """Reject unknown keys before pydantic does, naming the closest valid key."""
+    if not isinstance(raw, dict):
+        return
+    fields = model.model_fields
+    for key, value in raw.items():
+        if key not in fields:
+            where = ".".join(loc + (str(key),))
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean {'.'.join(loc + (close[0],))!r}?" if close else \
+                f"; valid keys here: {', '.join(fields)}"
+            raise UsageError(f"unknown config key {where!r}{hint}")
+        members = _union_members(fields[key].annotation)
+        if len(members) == 1:
+            _check_keys(value, members[0], loc + (key,))
+        elif members and isinstance(value, dict) and "name" in value:
+            match = [m for m in members if value["name"] in typing.get_args(m.model_fields["name"].annotation)]
+            if match:
+                _check_keys(value, match[0], loc + (key,))
+            else:
+                names = [typing.get_args(m.model_fields["name"].annotation)[0] for m in members]
+                raise UsageError(f"{'.'.join(loc + (key, 'name'))}: unknown {key} {value['name']!r}; "
+                                 f"choose one of {', '.join(names)}")
+
+
+def _collect_tags() -> set[str]:
+    tags = set()
+    for model in (RunConfig,):
+        for f in model.model_fields.values():
+            for m in _union_members(f.annotation):
+                if "name" in m.model_fields:
+                    tags.update(typing.get_args(m.model_fields["name"].annotation))
+    return tags
+
+
+_ALL_TAGS = _collect_tags()
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,62 @@
+"""Data sources: real samples (for denoising, GAN and regression terms) and condition draws (for
+data-free distillation). All randomness comes from the caller's generator, so runs resume exactly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class Sample:
+    """A batch of raw conditions and, where the source has real data, the matching clean samples."""
+
+    x0: torch.Tensor | None  # model space (latents for latent models); None for condition-only draws
+    labels: torch.Tensor | None = None  # class / digit ids
+    prompts: Sequence[str] | None = None
+
+
+class DataSource:
+    has_real: bool = True
+
+    def sample(self, n: int, generator: torch.Generator) -> Sample:
+        """Real samples with their conditions."""
+        raise NotImplementedError
+
+    def conditions(self, n: int, generator: torch.Generator) -> Sample:
+        """Conditions only (x0 = None)."""
+        s = self.sample(n, generator)
+        return Sample(None, s.labels, s.prompts)
+
+
+class Toy2DSource(DataSource):
+    def __init__(self, spec, conditional: bool):
+        self.spec, self.conditional = spec, conditional
+
+    def sample(self, n, generator):
+        x, modes = self.spec.sample(n, generator)
+        return Sample(x, modes if self.conditional else None)
+
+
+def build_data(data_cfg, bundle=None) -> DataSource:
+    """The data source a config's ``data`` section describes (``bundle`` encodes images for latent models)."""
+    name = data_cfg.name
+    if name == "toy2d":
+        from .toy2d import MixtureSpec
+
+        return Toy2DSource(MixtureSpec.from_config(data_cfg), data_cfg.conditional)
+    if name == "digits":
+        from .digits import DigitsSource
+
+        return DigitsSource(data_cfg)
+    if name == "digits_sd":
+        from .digits import DigitsSDSource
+
+        return DigitsSDSource(data_cfg, bundle)
+    if name == "prompts":
+        from .prompts import PromptSource
+
+        return PromptSource(data_cfg)
+    raise ValueError(f"unknown data source {name!r}")

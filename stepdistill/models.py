@@ -1,0 +1,367 @@
+"""Model families behind one :class:`ModelBundle`: the teacher Denoiser, the network students start from,
+the schedule, how conditions become network kwargs (the :class:`Conditioner`), and the VAE if latent.
+
+Families: ``mlp`` (toy2d; the exact mixture teacher), ``unet2d`` (pixel ``UNet2DModel`` with class labels),
+``sd`` (``UNet2DConditionModel`` + CLIP text encoder + VAE, SD1.5-shaped) and ``sdxl`` (two text
+encoders and SDXL's added conditions). Everything family-specific lives here and in the conditioners.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .denoisers import MLP, Cond, Denoiser
+from .errors import UsageError
+from .schedules import NoiseSchedule
+
+DEFAULT_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                     "beta_end": 0.012, "prediction_type": "epsilon", "clip_sample": False,
+                     "set_alpha_to_one": False, "steps_offset": 1}
+
+
+# ---- conditioners ------------------------------------------------------------------------------------
+class Conditioner:
+    """Turns raw conditions (class ids and/or prompts) into a :class:`Cond` for the family's network."""
+
+    conditional: bool = True
+
+    def encode(self, labels: torch.Tensor | None = None, prompts: Sequence[str] | None = None,
+               n: int | None = None) -> Cond:
+        raise NotImplementedError
+
+
+class NoConditioner(Conditioner):
+    conditional = False
+
+    def encode(self, labels=None, prompts=None, n=None) -> Cond:
+        return Cond({}, None, labels)
+
+
+class ClassConditioner(Conditioner):
+    """``class_labels`` kwarg; id ``num_classes`` is the unconditional (null) class for CFG."""
+
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu"):
+        self.num_classes, self.device = num_classes, device
+
+    def encode(self, labels=None, prompts=None, n=None) -> Cond:
+        if labels is None:
+            raise ValueError("class-conditional model needs labels")
+        labels = labels.to(self.device)
+        null = torch.full_like(labels, self.num_classes)
+        return Cond({"class_labels": labels}, {"class_labels": null}, labels)
+
+
+class TextConditioner(Conditioner):
+    """CLIP text encoder(s) -> ``encoder_hidden_states`` (+ SDXL ``added_cond_kwargs``); the empty prompt is
+    the unconditional branch, as in Stable Diffusion. Embeddings are cached per prompt."""
+
+    def __init__(self, tokenizers: list, text_encoders: list, device, sdxl: bool = False,
+                 resolution: int | None = None):
+        self.tokenizers, self.text_encoders, self.device, self.sdxl = tokenizers, text_encoders, device, sdxl
+        self.resolution = resolution
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    @torch.no_grad()
+    def _embed(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if prompt not in self._cache:
+            hidden, pooled = [], None
+            for tok, enc in zip(self.tokenizers, self.text_encoders):
+                ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True,
+                          return_tensors="pt").input_ids.to(self.device)
+                if self.sdxl:  # SDXL: penultimate hidden states, pooled output of the last encoder
+                    out = enc(ids, output_hidden_states=True)
+                    hidden.append(out.hidden_states[-2])
+                    pooled = out[0]
+                else:
+                    hidden.append(enc(ids)[0])
+            self._cache[prompt] = (torch.cat(hidden, dim=-1)[0], None if pooled is None else pooled[0])
+        return self._cache[prompt]
+
+    def _kwargs(self, prompts: Sequence[str]) -> dict:
+        embs = [self._embed(p) for p in prompts]
+        kw: dict[str, Any] = {"encoder_hidden_states": torch.stack([e[0] for e in embs])}
+        if self.sdxl:
+            r = self.resolution
+            time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=kw["encoder_hidden_states"].dtype,
+                                    device=self.device).repeat(len(prompts), 1)
+            kw["added_cond_kwargs"] = {"text_embeds": torch.stack([e[1] for e in embs]), "time_ids": time_ids}
+        return kw
+
+    def encode(self, labels=None, prompts=None, n=None) -> Cond:
+        if prompts is None:
+            raise ValueError("text-conditional model needs prompts")
+        prompts = list(prompts)
+        return Cond(self._kwargs(prompts), self._kwargs([""] * len(prompts)), labels)
+
+
+# ---- the bundle --------------------------------------------------------------------------------------
+@dataclass
+class ModelBundle:
+    kind: str  # mlp | unet2d | sd | sdxl
+    teacher: Denoiser  # frozen
+    init_net: nn.Module  # the network students / fake scores start from (frozen copy source)
+    schedule: NoiseSchedule
+    scheduler_config: dict
+    sample_shape: tuple[int, ...]  # per-sample shape of x (latent shape for sd)
+    conditioner: Conditioner
+    vae: nn.Module | None = None
+    vae_scaling: float = 1.0
+    components: dict[str, Any] = field(default_factory=dict)  # tokenizer(s), text encoder(s) ...
+    source: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.teacher.prediction_type
+
+    def new_network(self, trainable: bool = True) -> nn.Module:
+        """A fresh copy of the init network (full fine-tune)."""
+        net = copy.deepcopy(self.init_net)
+        net.requires_grad_(trainable)
+        return net
+
+    def denoiser(self, net: nn.Module, adapter: str | None = None, prediction_type: str | None = None) -> Denoiser:
+        return Denoiser(net, self.schedule, prediction_type or self.init_prediction_type, adapter)
+
+    @property
+    def init_prediction_type(self) -> str:
+        return self.extras.get("init_prediction_type", self.prediction_type)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space -> images in [-1, 1] (VAE decode for latent models)."""
+        if self.vae is None:
+            return x
+        return self.vae.decode(x.to(next(self.vae.parameters()).dtype) / self.vae_scaling).sample.float()
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] -> model space (a VAE posterior sample, scaled, for latent models)."""
+        if self.vae is None:
+            return images
+        dist = self.vae.encode(images.to(next(self.vae.parameters()).dtype)).latent_dist
+        return dist.sample(generator) * self.vae_scaling if generator is not None else dist.mean * self.vae_scaling
+
+    def to(self, device) -> "ModelBundle":
+        for m in [self.teacher, self.init_net, self.vae, *self.components.get("text_encoders", [])]:
+            if m is not None:
+                m.to(device)
+        return self
+
+
+def resolve_source(source: str) -> Path:
+    """'asset:NAME' -> the shipped asset folder; anything else is a local path that must exist."""
+    if source.startswith("asset:"):
+        from . import assets
+
+        return assets.path(source[len("asset:"):])
+    p = Path(source).expanduser()
+    if not p.exists():
+        raise UsageError(f"model folder not found: {p} (model.pretrained)")
+    return p
+
+
+def detect_kind(path: Path) -> str:
+    index = path / "model_index.json"
+    if index.exists():
+        name = json.loads(index.read_text()).get("_class_name", "")
+        if "XL" in name:
+            return "sdxl"
+        if "StableDiffusion" in name:
+            return "sd"
+        if (path / "unet" / "config.json").exists():
+            return "unet2d"
+    cfg = path / "config.json"
+    if cfg.exists() and json.loads(cfg.read_text()).get("_class_name") == "UNet2DModel":
+        return "unet2d"
+    raise UsageError(f"{path} is not a Diffusers pipeline or UNet2DModel folder (no model_index.json / config.json)")
+
+
+def load_bundle(model_cfg, data_cfg=None, device: torch.device | str = "cpu") -> ModelBundle:
+    """Build the ModelBundle a config describes (teacher frozen, on ``device``)."""
+    src = model_cfg.pretrained
+    if src == "toy2d":
+        return _toy2d_bundle(model_cfg, data_cfg, device)
+    if src is None:
+        return _scratch_bundle(model_cfg, data_cfg, device)
+    path = resolve_source(src)
+    kind = detect_kind(path) if model_cfg.kind == "auto" else model_cfg.kind
+    if kind == "unet2d":
+        bundle = _unet2d_bundle(path, model_cfg, device)
+    elif kind in ("sd", "sdxl"):
+        bundle = _sd_bundle(path, kind, model_cfg, device)
+    else:
+        raise UsageError(f"model.kind={kind} cannot load {path}")
+    bundle.source = src
+    return bundle
+
+
+def _schedule_from(config: dict) -> NoiseSchedule:
+    return NoiseSchedule.from_scheduler_config(config)
+
+
+def _toy2d_bundle(model_cfg, data_cfg, device) -> ModelBundle:
+    from .data.toy2d import GaussianMixtureX0, MixtureSpec
+
+    if data_cfg is None or data_cfg.name != "toy2d":
+        raise UsageError("model.pretrained=toy2d needs a toy2d data section (the mixture is the teacher)")
+    sched_cfg = {**DEFAULT_SCHEDULER, **model_cfg.scheduler}
+    schedule = _schedule_from(sched_cfg)
+    spec = MixtureSpec.from_config(data_cfg)
+    teacher = Denoiser(GaussianMixtureX0(spec, schedule), schedule, "sample").to(device)
+    num_classes = spec.num_modes if data_cfg.conditional else None
+    extras: dict[str, Any] = {"spec": spec}
+    if model_cfg.init is not None:
+        init_net, pred = load_mlp(resolve_source(model_cfg.init))
+        extras["init_prediction_type"] = pred
+    else:
+        arch = dict(model_cfg.arch or {})
+        arch.setdefault("num_classes", num_classes)
+        init_net = MLP(**arch)
+        extras["init_prediction_type"] = model_cfg.prediction_type or sched_cfg["prediction_type"]
+    init_net.requires_grad_(False)
+    cond = ClassConditioner(spec.num_modes, device) if data_cfg.conditional else NoConditioner()
+    return ModelBundle("mlp", teacher, init_net.to(device), schedule, sched_cfg, (2,), cond, extras=extras,
+                       source="toy2d")
+
+
+def _scratch_bundle(model_cfg, data_cfg, device) -> ModelBundle:
+    """A network built from ``model.arch`` (pretraining); it is both teacher and init network."""
+    sched_cfg = {**DEFAULT_SCHEDULER, **model_cfg.scheduler}
+    if model_cfg.prediction_type:
+        sched_cfg["prediction_type"] = model_cfg.prediction_type
+    schedule = _schedule_from(sched_cfg)
+    kind = model_cfg.kind
+    arch = dict(model_cfg.arch or {})
+    if kind in ("auto", "mlp"):
+        net = MLP(**arch)
+        shape = (net.config["dim"],)
+        num_classes = net.config["num_classes"]
+        cond = ClassConditioner(num_classes, device) if num_classes else NoConditioner()
+        kind = "mlp"
+    elif kind == "unet2d":
+        from diffusers import UNet2DModel
+
+        net = UNet2DModel(**arch)
+        shape = (net.config.in_channels, net.config.sample_size, net.config.sample_size)
+        n = net.config.num_class_embeds
+        cond = ClassConditioner(n - 1, device) if n else NoConditioner()
+    else:
+        raise UsageError(f"model.arch with model.kind={kind} is not supported; use mlp or unet2d, or load "
+                         f"a pipeline folder with model.pretrained")
+    pred = sched_cfg["prediction_type"]
+    net.to(device)
+    return ModelBundle(kind, Denoiser(net, schedule, pred), net, schedule, sched_cfg, shape, cond)
+
+
+def load_mlp(path: Path) -> tuple[MLP, str]:
+    """Load a toy MLP folder (``config.json`` + ``model.safetensors``); returns (net, prediction_type)."""
+    from safetensors.torch import load_file
+
+    cfg_file, weights = path / "config.json", path / "model.safetensors"
+    if not cfg_file.exists() or not weights.exists():
+        raise UsageError(f"{path} is not a toy MLP folder (needs config.json and model.safetensors)")
+    cfg = json.loads(cfg_file.read_text())
+    pred = cfg.pop("prediction_type", "epsilon")
+    net = MLP(**cfg)
+    net.load_state_dict(load_file(weights))
+    return net, pred
+
+
+def save_mlp(net: MLP, path: Path, prediction_type: str) -> None:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({**net.config, "prediction_type": prediction_type}, indent=2))
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, path / "model.safetensors")
+
+
+def _unet2d_bundle(path: Path, model_cfg, device) -> ModelBundle:
+    from diffusers import UNet2DModel
+
+    sub = "unet" if (path / "unet").exists() else None
+    net = UNet2DModel.from_pretrained(path, subfolder=sub).eval()
+    sched_file = (path / "scheduler" / "scheduler_config.json") if sub else (path / "scheduler_config.json")
+    sched_cfg = json.loads(sched_file.read_text()) if sched_file.exists() else dict(DEFAULT_SCHEDULER)
+    if model_cfg.prediction_type:
+        sched_cfg["prediction_type"] = model_cfg.prediction_type
+    schedule = _schedule_from(sched_cfg)
+    net.requires_grad_(False).to(device)
+    n = net.config.num_class_embeds
+    cond = ClassConditioner(n - 1, device) if n else NoConditioner()
+    shape = (net.config.in_channels, net.config.sample_size, net.config.sample_size)
+    return ModelBundle("unet2d", Denoiser(net, schedule, sched_cfg["prediction_type"]), net, schedule, sched_cfg,
+                       shape, cond)
+
+
+def _sd_bundle(path: Path, kind: str, model_cfg, device) -> ModelBundle:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet").eval()
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae").eval()
+        toks = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")]
+        encs = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder").eval()]
+        if kind == "sdxl":
+            toks.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
+            encs.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2").eval())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load the pipeline at {path}: {str(e).splitlines()[0]}") from None
+    sched_cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    if model_cfg.prediction_type:
+        sched_cfg["prediction_type"] = model_cfg.prediction_type
+    schedule = _schedule_from(sched_cfg)
+    for m in [unet, vae, *encs]:
+        m.requires_grad_(False).to(device)
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    res = unet.config.sample_size * scale
+    cond = TextConditioner(toks, encs, device, sdxl=kind == "sdxl", resolution=res)
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    return ModelBundle(kind, Denoiser(unet, schedule, sched_cfg["prediction_type"]), unet, schedule, sched_cfg,
+                       shape, cond, vae=vae, vae_scaling=vae.config.scaling_factor,
+                       components={"tokenizers": toks, "text_encoders": encs, "path": str(path)})
+
+
+# ---- saving networks in their family's deployable format -----------------------------------------------
+def save_network(bundle: ModelBundle, net: nn.Module, out_dir: Path, prediction_type: str | None = None) -> None:
+    """Write ``net`` (a full network of the bundle's family) as a loadable folder: toy MLP folder,
+    a UNet2DModel pipeline folder (``unet/`` + ``scheduler/``), or a full Stable Diffusion pipeline."""
+    out_dir = Path(out_dir)
+    pred = prediction_type or bundle.init_prediction_type
+    if bundle.kind == "mlp":
+        save_mlp(net, out_dir, pred)
+        return
+    sched_cfg = {**bundle.scheduler_config, "prediction_type": pred}
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(sched_cfg)
+    if bundle.kind == "unet2d":
+        from .pipelines.class_conditional import ClassConditionalPipeline
+
+        ClassConditionalPipeline(unet=net, scheduler=scheduler).save_pretrained(out_dir)
+        return
+    pipe = sd_pipeline(bundle, unet=net, scheduler=scheduler)
+    pipe.save_pretrained(out_dir)
+
+
+def sd_pipeline(bundle: ModelBundle, unet: nn.Module | None = None, scheduler=None):
+    """A stock StableDiffusion(XL)Pipeline over the bundle's components."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    scheduler = scheduler or DDIMScheduler.from_config(bundle.scheduler_config)
+    toks, encs = bundle.components["tokenizers"], bundle.components["text_encoders"]
+    unet = unet if unet is not None else bundle.init_net
+    if bundle.kind == "sdxl":
+        return StableDiffusionXLPipeline(vae=bundle.vae, text_encoder=encs[0], text_encoder_2=encs[1],
+                                         tokenizer=toks[0], tokenizer_2=toks[1], unet=unet, scheduler=scheduler)
+    return StableDiffusionPipeline(vae=bundle.vae, text_encoder=encs[0], tokenizer=toks[0], unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)

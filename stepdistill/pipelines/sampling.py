@@ -1,0 +1,79 @@
+"""One sampling loop for every Denoiser, driven by a stock Diffusers scheduler (DDIM, LCM, TCD, ...).
+
+It follows Diffusers' pipelines step for step (``set_timesteps``, ``init_noise_sigma``,
+``scale_model_input``, ``step`` with ``eta`` / ``generator`` where the scheduler takes them), so a
+student sampled here matches the same student inside a stock pipeline.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Sequence
+
+import torch
+
+from ..denoisers import Cond, Denoiser
+
+
+def seeded_generators(seed: int, n: int, start: int = 0) -> list[torch.Generator]:
+    """Per-sample generators (seed + index): sample i is the same whatever the batch it is drawn in."""
+    return [torch.Generator().manual_seed(seed + start + i) for i in range(n)]
+
+
+def make_scheduler(name: str, base_config: dict, **kwargs):
+    """A stock Diffusers scheduler class by name, from the teacher's scheduler config plus ``kwargs``."""
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_config"):
+        from ..errors import UsageError
+
+        raise UsageError(f"unknown scheduler {name!r}; use a Diffusers scheduler class name such as "
+                         f"DDIMScheduler, LCMScheduler or TCDScheduler")
+    return cls.from_config({**base_config, **kwargs})
+
+
+def _randn(shape, generator, device, dtype) -> torch.Tensor:
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def sample(denoiser: Denoiser, scheduler, shape: Sequence[int], cond: Cond | None = None, *,
+           num_inference_steps: int | None = None, timesteps: Sequence[int] | None = None,
+           guidance: float | None = None, eta: float | None = None,
+           generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
+           device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+           callback: Callable[[int, int, torch.Tensor, torch.Tensor | None], None] | None = None,
+           start_index: int = 0, stop_index: int | None = None) -> torch.Tensor:
+    """Draw ``shape`` samples (model space). ``callback(i, t, x, x0_pred)`` runs after every step.
+    ``start_index`` / ``stop_index`` run a slice of the schedule (hybrid samplers hand off between models)."""
+    if timesteps is not None:
+        scheduler.set_timesteps(timesteps=list(timesteps), device=device)
+    else:
+        scheduler.set_timesteps(num_inference_steps, device=device)
+    if latents is None:
+        latents = _randn(tuple(shape), generator, torch.device(device), dtype) * scheduler.init_noise_sigma
+    x = latents.to(device=device, dtype=dtype)
+    step_params = set(inspect.signature(scheduler.step).parameters)
+    extra = {}
+    if "eta" in step_params and eta is not None:
+        extra["eta"] = eta
+    if "generator" in step_params:
+        extra["generator"] = generator
+    ts = scheduler.timesteps
+    if start_index and hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start_index)
+    for i in range(start_index, len(ts) if stop_index is None else stop_index):
+        t = ts[i]
+        model_in = scheduler.scale_model_input(x, t)
+        out = denoiser.predict(model_in, t, cond, guidance)
+        res = scheduler.step(out, t, x, **extra, return_dict=True)
+        x = res.prev_sample
+        if callback is not None:
+            x0 = getattr(res, "pred_original_sample", None)
+            if x0 is None:
+                x0 = getattr(res, "denoised", None)
+            callback(i, int(t), x, x0)
+    return x
