@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -103,14 +102,18 @@ class GaussianMixtureX0(nn.Module):
 
 # ---- metrics ---------------------------------------------------------------------------------------
 def sliced_w2(x: torch.Tensor, y: torch.Tensor, num_projections: int = 256, seed: int = 0) -> float:
-    """Sliced Wasserstein-2 distance between two equal-size 2-D point sets (fixed seeded projections)."""
-    g = torch.Generator().manual_seed(seed)
-    theta = torch.randn(x.shape[1], num_projections, generator=g, dtype=torch.float64)
-    theta = theta / theta.norm(dim=0, keepdim=True)
+    """Sliced Wasserstein-2 distance between two equal-size point sets (fixed seeded projections)."""
+    theta = _projections(x.shape[1], num_projections, seed)
     n = min(len(x), len(y))
     px = (x[:n].double().cpu() @ theta).sort(dim=0).values
     py = (y[:n].double().cpu() @ theta).sort(dim=0).values
     return float(((px - py) ** 2).mean().sqrt())
+
+
+def _projections(dim: int, num: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(dim, num, generator=g, dtype=torch.float64)
+    return theta / theta.norm(dim=0, keepdim=True)
 
 
 def mode_stats(x: torch.Tensor, spec: MixtureSpec, radius_std: float = 3.0, min_share: float = 0.25) -> dict:
@@ -125,11 +128,9 @@ def mode_stats(x: torch.Tensor, spec: MixtureSpec, radius_std: float = 3.0, min_
     return {"modes_covered": covered, "num_modes": spec.num_modes, "on_mode": float(near.any(1).double().mean())}
 
 
-def toy_metrics(samples: torch.Tensor, spec: MixtureSpec, num_reference: int = 5000, seed: int = 0) -> dict:
-    """sw2 against fresh true samples (seeded), modes covered, on-mode share."""
-    ref, _ = spec.sample(max(num_reference, len(samples)), torch.Generator().manual_seed(10_000 + seed))
-    return {"sw2": sliced_w2(samples, ref[: len(samples)], seed=seed), **mode_stats(samples, spec)}
-
-
-def _np(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+def toy_metrics(samples: torch.Tensor, spec: MixtureSpec, seed: int = 0) -> dict:
+    """Sliced W2 to an equally large fresh sample of the mixture (seeded), modes covered, on-mode share.
+    Sliced W2 between two finite samples has a noise floor (~0.1 at 2,000 points, mostly from mode counts),
+    so compare models at the same sample count, against the exact teacher's DDIM-50 value."""
+    ref, _ = spec.sample(len(samples), torch.Generator().manual_seed(10_000 + seed))
+    return {"sw2": sliced_w2(samples, ref, seed=seed), **mode_stats(samples, spec)}
