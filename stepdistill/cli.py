@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Pretrain a network with the same loop (teachers of the embedded "
                                    "benchmarks, control LoRAs). Writes RUN/export/ with the result.")
     _add_run_args(p, "pretrain")
+    import importlib
+
+    for module in SUBCOMMAND_MODULES:  # each module's add_parser(sub) registers itself (set_defaults(func=...))
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
@@ -109,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides) + extra
         if args.command in ("train", "pretrain"):
             return cmd_run(args, args.command)
-        handler = COMMANDS[args.command]
-        return handler(args)
+        return args.func(args)
     except UsageError as e:
         print(f"stepdistill: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -119,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAULT
 
 
-COMMANDS: dict = {}
+# modules that add a subcommand: each has add_parser(subparsers) -> parser with set_defaults(func=handler)
+SUBCOMMAND_MODULES: list[str] = [
+]
 
 
 def entry() -> None:
