@@ -1,9 +1,11 @@
 """LoRA through peft: named adapters on one frozen base, switching them per call, and Diffusers-format
 export / import (``pytorch_lora_weights.safetensors`` that a stock pipeline's ``load_lora_weights`` takes).
 
-Export follows Diffusers' training examples: ``get_peft_model_state_dict`` for the named adapter,
-``convert_state_dict_to_diffusers`` for the key names, and the pipeline class's ``save_lora_weights``
-with ``unet_lora_adapter_metadata`` so that ``lora_alpha`` survives the round trip.
+Export: ``get_peft_model_state_dict`` for the named adapter, saved through the pipeline class's
+``save_lora_weights`` with ``unet_lora_adapter_metadata`` so that ``lora_alpha`` survives the round trip.
+The keys stay in peft form (``...to_q.lora_A.weight``): with diffusers 0.42 the older advice of passing
+them through ``convert_state_dict_to_diffusers`` (``lora.down``/``lora.up``) makes ``load_lora_weights``
+silently skip every attention projection (measured: 45 of 77 layers loaded), while peft keys load all.
 """
 
 from __future__ import annotations
@@ -131,11 +133,9 @@ def adapter_metadata(net: nn.Module, name: str) -> dict:
 def save_diffusers_lora(unet: nn.Module, name: str, out_dir: Path, pipeline_cls=None) -> Path:
     """Write ``out_dir/pytorch_lora_weights.safetensors`` in the format ``load_lora_weights`` expects."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
 
     pipeline_cls = pipeline_cls or StableDiffusionPipeline
-    layers = convert_state_dict_to_diffusers(adapter_state_dict(unet, name))
-    pipeline_cls.save_lora_weights(out_dir, unet_lora_layers=layers,
+    pipeline_cls.save_lora_weights(out_dir, unet_lora_layers=adapter_state_dict(unet, name),
                                    unet_lora_adapter_metadata=adapter_metadata(unet, name))
     return Path(out_dir) / LORA_WEIGHT_NAME
 
@@ -169,9 +169,14 @@ def load_peft_lora(net: nn.Module, path: Path, name: str = "default") -> None:
     if not meta:
         raise UsageError(f"{path} carries no lora_config metadata; it was not written by stepdistill")
     cfg = LoraConfig(r=meta["r"], lora_alpha=meta["lora_alpha"], target_modules=meta["target_modules"])
+    hint = "; use a LoRA trained for this base model"
     add_lora(net, name, cfg.r, cfg.lora_alpha, list(cfg.target_modules))
-    result = set_peft_model_state_dict(net, sd, adapter_name=name)
+    try:
+        result = set_peft_model_state_dict(net, sd, adapter_name=name)
+    except RuntimeError as e:
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), "shape mismatch")
+        raise UsageError(f"LoRA {path} does not match the model ({detail[:160]}){hint}") from None
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     if unexpected:
         raise UsageError(f"LoRA {path} does not match the model ({len(unexpected)} unexpected keys, e.g. "
-                         f"{unexpected[0]}); use a LoRA trained for this base model")
+                         f"{unexpected[0]}){hint}")

@@ -350,6 +350,9 @@ class Trainer:
             tmp.mkdir(parents=True)
         self.acc.wait_for_everyone()
         save_file(_rng_state(self.ctx.generator), tmp / f"rng_rank{self.acc.process_index}.safetensors")
+        # replicas must hold identical weights (gradients are averaged); record each process's checksum
+        checksum = torch.stack([sum(p.detach().double().sum() for _, p in named) for named in self.params.values()])
+        checksums = self.acc.gather(checksum.to(self.acc.device)[None]).cpu()  # (num_processes, num_networks)
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             weights = {f"{net}/{n}": p.detach().cpu().contiguous() for net, named in self.params.items()
@@ -370,7 +373,8 @@ class Trainer:
                 ema_j[net] = {k: v for k, v in sd.items() if k != "shadow_params"}
             save_file(ema_t or {"_empty": torch.zeros(1)}, tmp / "ema.safetensors")
             state = {"step": self.step, "method": self.method.name, "optimizers": opt_j, "ema": ema_j,
-                     "extra": extra_j, "num_processes": self.acc.num_processes}
+                     "extra": extra_j, "num_processes": self.acc.num_processes,
+                     "replica_checksums": checksums.tolist()}
             (tmp / "state.json").write_text(json.dumps(state))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -381,14 +385,21 @@ class Trainer:
         return final
 
     def _load_latest(self) -> None:
-        from safetensors.torch import load_file
-
         ckpt = self.latest_checkpoint()
         if ckpt is None:
             return  # nothing to resume: start fresh
         state = json.loads((ckpt / "state.json").read_text())
         if state.get("method") != self.method.name:
             raise UsageError(f"{ckpt} was written by method {state.get('method')!r}, not {self.method.name!r}")
+        self._load_weights(ckpt, state)
+        self._load_optimizers(ckpt, state)
+        self._load_ema(ckpt, state)
+        self._load_rng(ckpt)
+        self.step = int(state["step"])
+
+    def _load_weights(self, ckpt: Path, state: dict) -> None:
+        from safetensors.torch import load_file
+
         weights = load_file(ckpt / "weights.safetensors")
         with torch.no_grad():
             for net, named in self.params.items():
@@ -399,22 +410,35 @@ class Trainer:
                     p.copy_(weights[key])
         self.method.load_extra_state({k[6:]: v for k, v in weights.items() if k.startswith("extra/")},
                                      state.get("extra", {}))
+
+    def _load_optimizers(self, ckpt: Path, state: dict) -> None:
+        from safetensors.torch import load_file
+
         opt_t = load_file(ckpt / "optimizer.safetensors")
         for net, opt in self.opts.items():
             j = state["optimizers"][net]
             tensors = {k[len(net) + 1:]: v for k, v in opt_t.items() if k.startswith(net + "/")}
             opt.load_state_dict(_unflatten_optimizer(tensors, j["optimizer"]))
             self.scheds[net].load_state_dict(j["scheduler"])
+
+    def _load_ema(self, ckpt: Path, state: dict) -> None:
+        from safetensors.torch import load_file
+
         ema_t = load_file(ckpt / "ema.safetensors")
         for net, ema in self.emas.items():
             sd = dict(state["ema"][net])
             sd["shadow_params"] = [ema_t[f"{net}/{i}"] for i in range(len(ema.shadow_params))]
             ema.load_state_dict(sd)
             ema.to(device=self.acc.device)
+
+    def _load_rng(self, ckpt: Path) -> None:
+        from safetensors.torch import load_file
+
         rng_file = ckpt / f"rng_rank{self.acc.process_index}.safetensors"
-        if rng_file.exists():
-            _set_rng_state(self.ctx.generator, load_file(rng_file))
-        self.step = int(state["step"])
+        if not rng_file.exists():
+            raise UsageError(f"{ckpt} has no RNG state for process {self.acc.process_index}; resume with the "
+                             f"same number of processes it was written with")
+        _set_rng_state(self.ctx.generator, load_file(rng_file))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
