@@ -69,7 +69,8 @@ def cmd_run(args, kind: str) -> int:
     from .trainers import Trainer, method_class
 
     method = method_class(cfg.method.name)
-    if method.kind != kind:
+    wanted = "pretrain" if kind == "pretrain" else "distill"
+    if method.kind != wanted:
         other = "pretrain" if method.kind == "pretrain" else "train"
         raise UsageError(f"method {cfg.method.name!r} is run with 'stepdistill {other}', not '{kind}'")
     if args.dry_run:
@@ -124,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 
 # modules that add a subcommand: each has add_parser(subparsers) -> parser with set_defaults(func=handler)
 SUBCOMMAND_MODULES: list[str] = [
+    "stepdistill.eval.cli",
+    "stepdistill.assets.cli",
 ]
 
 

@@ -81,6 +81,9 @@ class ModelConfig(Strict):
         None, description="null: the teacher scheduler's")
     init: str | None = Field(None, description="network to initialise students from ('asset:toy2d-mlp', a "
                                                 "folder); null: the teacher network")
+    components: dict[str, str] = Field(
+        default_factory=dict, description="kind sd with arch (a fresh UNet): folders of its vae, text_encoder and "
+                                          "tokenizer (the component's folder, or one holding it as a subfolder)")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -119,6 +122,8 @@ class DigitsSDData(Strict):
     split: Literal["train", "heldout", "all"] = "train"
     empty_prompt_prob: float = Field(0.1, ge=0, le=1, description="share of empty prompts (CFG dropout)")
     templates: list[str] | None = Field(None, description="prompt templates with {word} / {num}")
+    channels: int = Field(3, ge=1, description="image channels (gray replicated, RGB like SD) when no VAE "
+                                               "encodes them")
 
 
 class PromptsData(Strict):
@@ -139,7 +144,110 @@ class DenoisingConfig(Strict):
     loss_weights: dict[str, float] = Field(default_factory=lambda: {"denoise": 1.0})
 
 
-MethodConfig = Annotated[Union[DenoisingConfig], Field(discriminator="name")]
+class VAEConfig(Strict):
+    """AutoencoderKL pretraining (Rombach et al. 2022, LDM sec. 3): L1 reconstruction + a small KL to N(0, I);
+    ``model.arch`` holds the AutoencoderKL kwargs."""
+
+    name: Literal["vae"] = "vae"
+    loss_weights: dict[str, float] = Field(default_factory=lambda: {"recon": 1.0, "kl": 1e-4})
+
+
+class ClipTextConfig(Strict):
+    """CLIP-style contrastive pretraining (Radford et al. 2021) of a small text encoder on (image, prompt)
+    pairs; ``model.arch`` = {text: CLIPTextConfig kwargs, vision: CLIPVisionConfig kwargs, projection_dim}."""
+
+    name: Literal["clip_text"] = "clip_text"
+    num_merges: int = Field(8192, ge=1, description="first M merges of CLIP's BPE (vocabulary 512 + M + 2)")
+    max_length: int = Field(16, ge=4, description="tokenizer model_max_length = text max_position_embeddings")
+    loss_weights: dict[str, float] = Field(default_factory=lambda: {"contrastive": 1.0})
+
+
+class AugmentConfig(Strict):
+    """Mild random affine jitter and pixel noise (classifier.augment)."""
+
+    max_shift: float = Field(1.5, ge=0, description="pixels")
+    max_rotate: float = Field(10.0, ge=0, description="degrees")
+    max_scale: float = Field(0.1, ge=0, lt=1, description="relative")
+    noise_std: float = Field(0.1, ge=0)
+
+
+class ClassifierConfig(Strict):
+    """The digit classifier (stepdistill/classifier.py): cross-entropy on augmented train digits; ``model.arch``
+    holds DigitClassifier kwargs."""
+
+    name: Literal["classifier"] = "classifier"
+    augment: AugmentConfig = AugmentConfig()
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    loss_weights: dict[str, float] = Field(default_factory=lambda: {"ce": 1.0})
+
+
+class OpenClipConfig(Strict):
+    """A small open_clip CLIP (Radford et al. 2021) on digit images and prompts: the ``digits-clip`` asset that
+    gives CLIP scores offline. ``model.arch`` is the open_clip model config (embed_dim, vision_cfg, text_cfg),
+    registered with ``open_clip.add_model_config`` as ``model_name``."""
+
+    name: Literal["open_clip"] = "open_clip"
+    model_name: str = Field("digits-clip", description="name the model config is registered under in open_clip")
+    num_merges: int = Field(8192, ge=1, description="first M merges of CLIP's BPE (HF tokenizer, vocabulary "
+                                                    "512 + M + 2); open_clip's text tower is sized to it")
+    augment: AugmentConfig | None = Field(AugmentConfig(), description="image jitter (classifier.augment); null: none")
+    loss_weights: dict[str, float] = Field(default_factory=lambda: {"contrastive": 1.0})
+
+
+class StudentNetConfig(Strict):
+    """How a trained network starts from the teacher: a full copy (``lora: null``) or a LoRA on a frozen base."""
+
+    lora: LoRAConfig | None = None
+
+
+class GANConfig(Strict):
+    """DMD2's diffusion GAN: a head on the fake score's mid-block features, real data noised at random t."""
+
+    hidden: int = Field(64, ge=4, description="width of the classification head")
+
+
+class RegressionConfig(Strict):
+    """DMD1's regression term: L2 between G(z) and the teacher's deterministic sampler output for the same z
+    (pairs generated once, cached in the run directory)."""
+
+    num_pairs: int = Field(1000, ge=1)
+    teacher_steps: int = Field(50, ge=1, description="DDIM steps of the teacher for the pairs")
+    batch_size: int | None = Field(None, ge=1, description="pairs per student step (null: train.batch_size)")
+
+
+class DMDConfig(Strict):
+    """Distribution Matching Distillation (DMD, Yin et al. 2023; DMD2, Yin et al. 2024)."""
+
+    name: Literal["dmd"] = "dmd"
+    timesteps: list[int] = Field([999], min_length=1, description="student timesteps, decreasing; one entry "
+                                                                  "= a one-step generator at that timestep")
+    real_guidance: float = Field(1.0, description="CFG scale of the teacher's real score (<= 1: none)")
+    student_every: int = Field(5, ge=1, description="two time-scale rule: a student step every N-th step "
+                                                    "(the fake score updates every step)")
+    fake_repeats: int = Field(1, ge=1, description="fake-score updates per step")
+    min_t: float = Field(0.02, ge=0, lt=1, description="DM loss timesteps ~ U[min_t T, max_t T]")
+    max_t: float = Field(0.98, gt=0, le=1)
+    student: StudentNetConfig = StudentNetConfig()
+    fake_score: StudentNetConfig = StudentNetConfig()
+    shared_base: bool = Field(True, description="when student and fake score are both LoRAs: one frozen base "
+                                                "carries both adapters and serves as the teacher (adapters off)")
+    gan: GANConfig | None = Field(None, description="DMD2's GAN term (needs real data)")
+    regression: RegressionConfig | None = Field(None, description="DMD1's regression term")
+    loss_weights: dict[str, float] = Field(default_factory=lambda: {
+        "dm": 1.0, "fake": 1.0, "reg": 0.25, "gan_g": 3e-3, "gan_d": 1e-2})
+
+    @model_validator(mode="after")
+    def _check(self):
+        if any(a <= b for a, b in zip(self.timesteps, self.timesteps[1:])):
+            raise ValueError(f"timesteps must be strictly decreasing, got {self.timesteps}")
+        if self.min_t >= self.max_t:
+            raise ValueError("min_t must be below max_t")
+        return self
+
+
+MethodConfig = Annotated[Union[DenoisingConfig, DMDConfig, VAEConfig, ClipTextConfig, ClassifierConfig,
+                               OpenClipConfig],
+                         Field(discriminator="name")]
 
 
 class RunConfig(Strict):
@@ -232,9 +340,13 @@ def _check_keys(raw: Any, model: type[BaseModel], loc: tuple[str, ...]) -> None:
                 f"; valid keys here: {', '.join(fields)}"
             raise UsageError(f"unknown config key {where!r}{hint}")
         members = _union_members(fields[key].annotation)
-        if len(members) == 1:
+        tagged = fields[key].discriminator is not None or any(
+            getattr(m, "discriminator", None) for m in fields[key].metadata)
+        if len(members) == 1 and not tagged:
             _check_keys(value, members[0], loc + (key,))
-        elif members and isinstance(value, dict) and "name" in value:
+        elif members and isinstance(value, dict):
+            if "name" not in value:
+                raise UsageError(f"{'.'.join(loc + (key,))}: missing 'name' (which {key} to use)")
             match = [m for m in members if value["name"] in typing.get_args(m.model_fields["name"].annotation)]
             if match:
                 _check_keys(value, match[0], loc + (key,))

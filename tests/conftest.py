@@ -21,3 +21,15 @@ def run_cli(*args, cwd=None):
 
     return subprocess.run([sys.executable, "-m", "stepdistill", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd or ROOT, timeout=600)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each in-process Trainer builds its own Accelerator (precision differs between tests)."""
+    yield
+    try:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+    except Exception:  # pragma: no cover - accelerate internals moved
+        pass

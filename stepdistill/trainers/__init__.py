@@ -8,6 +8,11 @@ from .base import Context, Method, Phase, Trainer
 # method.name -> "module:Class"; one line per method (imported lazily)
 METHODS: dict[str, str] = {
     "denoising": "stepdistill.trainers.denoising:DenoisingMethod",
+    "dmd": "stepdistill.trainers.dmd:DMDMethod",
+    "classifier": "stepdistill.trainers.classifier:ClassifierMethod",
+    "vae": "stepdistill.trainers.vae:VAEMethod",
+    "clip_text": "stepdistill.trainers.clip_text:ClipTextMethod",
+    "open_clip": "stepdistill.trainers.openclip:OpenClipMethod",
 }
 
 

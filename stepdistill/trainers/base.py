@@ -95,6 +95,11 @@ class Method(abc.ABC):
         """Per-sample (or scalar) losses by name; names are the logging keys and the ``loss_weights`` keys.
         Keys starting with ``log/`` are logged only."""
 
+    def trainable(self, name: str, net: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """Named parameters the optimiser of network ``name`` steps (default: those with requires_grad).
+        Methods whose networks share one module (LoRA adapters on a frozen base) narrow it down here."""
+        return [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+
     def loss_weights(self) -> dict[str, float]:
         return dict(getattr(self.cfg.method, "loss_weights", {}) or {})
 
@@ -165,7 +170,7 @@ class Trainer:
         self.scheds: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
         for name, net in self.nets.items():
             configure_network(net, self.cfg.train)
-            named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+            named = self.method.trainable(name, net)
             if not named:
                 raise RuntimeError(f"network {name!r} has no trainable parameters")
             self.params[name] = named

@@ -1,0 +1,59 @@
+"""Few-step generators built from a student Denoiser, sampled exactly as Diffusers' ``LCMScheduler`` with
+fixed timesteps does: at each timestep the consistency-model boundary output
+``c_out(t) * x0_pred + c_skip(t) * x_t`` is taken, then re-noised with *fresh* noise to the next timestep.
+A student trained through this class therefore samples identically in a stock pipeline.
+
+Backward simulation (DMD2, Sec. 4.5): training inputs of step k are produced by running the first k
+steps without gradient from pure noise, so the student trains on its own intermediate samples.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .denoisers import Cond, Denoiser
+
+
+class FewStepGenerator:
+    def __init__(self, student: Denoiser, timesteps: Sequence[int]):
+        ts = [int(t) for t in timesteps]
+        if not ts or any(a <= b for a, b in zip(ts, ts[1:])) or ts[0] >= student.schedule.num_train_timesteps:
+            raise ValueError(f"student timesteps must be strictly decreasing within the schedule, got {ts}")
+        self.student, self.timesteps = student, ts
+        self.schedule = student.schedule
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def denoise(self, x_t: torch.Tensor, t: int, cond: Cond | None) -> torch.Tensor:
+        """One generator evaluation: LCM boundary-scaled x0 at timestep t (what LCMScheduler.step returns)."""
+        c_skip, c_out = self.schedule.lcm_boundary_scalings(t)
+        x0 = self.student.x0(x_t, t, cond)
+        return float(c_out) * x0 + float(c_skip) * x_t
+
+    @torch.no_grad()
+    def simulate(self, noise: torch.Tensor, cond: Cond | None, k: int,
+                 fresh_noise: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Input of step k: run steps 0..k-1 without gradient from ``noise`` (re-noising with fresh noise)."""
+        x = noise
+        for i in range(k):
+            x0 = self.denoise(x, self.timesteps[i], cond)
+            x = self.schedule.add_noise(x0, fresh_noise(x0), self.timesteps[i + 1])
+        return x
+
+    def __call__(self, noise: torch.Tensor, cond: Cond | None, k: int,
+                 fresh_noise: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """x0 of step k (with gradient), from backward-simulated inputs; returns (x0, timestep of step k)."""
+        x_t = self.simulate(noise, cond, k, fresh_noise)
+        t = self.timesteps[k]
+        return self.denoise(x_t, t, cond), t
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, cond: Cond | None,
+               fresh_noise: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """All steps, no gradient: the final sample."""
+        x_t = self.simulate(noise, cond, self.num_steps - 1, fresh_noise)
+        return self.denoise(x_t, self.timesteps[-1], cond)
