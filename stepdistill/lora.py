@@ -59,15 +59,14 @@ def add_lora(net: nn.Module, name: str, rank: int, alpha: float | None = None,
                          f"set lora.target_modules to names of its Linear/Conv layers")
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=targets,
                         init_lora_weights=init)
-    before = {id(p) for p in net.parameters()}
+    before = {id(p): p.requires_grad for p in net.parameters()}
     if is_diffusers:
-        net.add_adapter(config, adapter_name=name)
+        net.add_adapter(config, adapter_name=name)  # (also makes it the only active adapter)
     else:
         inject_adapter_in_model(config, net, adapter_name=name)
-    # adapters are trained, the base stays frozen
-    for n, p in net.named_parameters():
-        if id(p) not in before:
-            p.requires_grad_(True)
+    # the new adapter is trainable; everything else keeps its flag (add_adapter freezes earlier adapters)
+    for p in net.parameters():
+        p.requires_grad_(before.get(id(p), True))
 
 
 def lora_parameters(net: nn.Module, name: str) -> list[nn.Parameter]:

@@ -144,3 +144,29 @@ def test_toy_smoke_run_exports_a_student(tmp_path, variant):
     assert recipe.scheduler == "LCMScheduler" and recipe.timesteps == variant.get("timesteps", [999])
     if "regression" in variant:
         assert (tmp_path / "run" / "regression_pairs.safetensors").exists()
+
+
+@pytest.mark.parametrize("config,sdxl", [("configs/sd15/dmd2_lora.yaml", False),
+                                         ("configs/sdxl/dmd2_4step_lora.yaml", True)], ids=["sd15", "sdxl"])
+def test_real_scale_config_runs_on_tiny_pipeline_bf16(tmp_path, config, sdxl):
+    """The shipped SD1.5 / SDXL recipes, on a tiny random pipeline of the same shape, with bf16 autocast on CPU;
+    the exported LoRA loads into the stock pipeline."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from stepdistill.config import load_config
+    from stepdistill.testing import tiny_sd_pipeline
+
+    base = tiny_sd_pipeline(tmp_path / "base", sdxl=sdxl)
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / config, [f"model.pretrained={base}", "train.steps=3", "train.batch_size=2",
+                                      "train.precision=bf16", "train.log_every=1", "train.log_with=none",
+                                      "method.student.lora.rank=4", "method.fake_score.lora.rank=4",
+                                      "method.student_every=2", f"data.file={root / 'configs/prompts/coco_style.txt'}"])
+    t = Trainer(cfg, method_class("dmd"), tmp_path / "run", show_progress=False)
+    t.fit()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(abs(r["fake_score/fake"]) < 1e3 for r in rows)
+    cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    pipe = cls.from_pretrained(base) if sdxl else cls.from_pretrained(base, safety_checker=None)
+    pipe.load_lora_weights(tmp_path / "run" / "student")
+    assert "default_0" in pipe.unet.peft_config
