@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # modules that add a subcommand: each has add_parser(subparsers) -> parser with set_defaults(func=handler)
 SUBCOMMAND_MODULES: list[str] = [
+    "stepdistill.sample_cli",
     "stepdistill.eval.cli",
     "stepdistill.assets.cli",
 ]

@@ -91,17 +91,22 @@ class Denoiser(nn.Module):
             out = self.net(x_t, t, **(cond_kwargs or {}))
         return out.sample if hasattr(out, "sample") else out
 
-    def predict(self, x_t: torch.Tensor, t, cond: Cond | None = None, guidance: float | None = None
-                ) -> torch.Tensor:
-        """Network output with classifier-free guidance u + w (c - u) (Ho & Salimans 2022) when w != 1."""
+    def predict(self, x_t: torch.Tensor, t, cond: Cond | None = None,
+                guidance: float | torch.Tensor | None = None) -> torch.Tensor:
+        """Network output with classifier-free guidance u + w (c - u) (Ho & Salimans 2022). As in Diffusers'
+        pipelines, ``guidance`` None or <= 1 means no guidance (the conditional branch alone); a (B,) tensor
+        gives each sample its own scale (consistency distillation samples w per sample)."""
         t = _as_batch_t(t, x_t)
         kwargs = cond.kwargs if cond is not None else {}
-        if guidance is None or guidance == 1.0 or cond is None:
+        per_sample = isinstance(guidance, torch.Tensor) and guidance.ndim > 0
+        if guidance is None or cond is None or (not per_sample and float(guidance) <= 1.0):
             return self(x_t, t, kwargs)
         if cond.null is None:
             raise ValueError("classifier-free guidance needs an unconditional branch (Cond.null)")
         both = self(torch.cat([x_t, x_t]), torch.cat([t, t]), _tree_cat(cond.null, kwargs))
         uncond, condl = both.chunk(2)
+        if per_sample:
+            guidance = guidance.to(uncond.device, uncond.dtype).reshape((-1,) + (1,) * (uncond.ndim - 1))
         return uncond + guidance * (condl - uncond)
 
     def x0(self, x_t, t, cond=None, guidance=None) -> torch.Tensor:

@@ -1,0 +1,206 @@
+"""``stepdistill eval``: score teachers at several step counts, training runs' students, or an image folder;
+write DIR/report.json, report.md and report.html (see ``stepdistill.eval.report``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from ..errors import UsageError
+
+EXAMPLES = """examples:
+  stepdistill eval --model digits --steps 1,2,4,8,50 --num-samples 1000 --out runs/eval-digits
+  stepdistill eval --model digits-sd --steps 4,50 --guidance 3 --out runs/eval-sd
+  stepdistill eval --run runs/digits-dmd --model digits --steps 50 --out runs/eval-dmd
+  stepdistill eval --images samples/ --out runs/eval-folder          (subfolders 0..9 give digit labels)
+  stepdistill eval --model ./my-sd15 --prompts prompts.txt --ref ./coco-val --clip-model ViT-B-32 \\
+      --clip-pretrained openai --out runs/eval-sd15                   (Inception / CLIP weights: connected machine)
+"""
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("eval", help="FID / precision-recall / CLIP score / diversity / speed report with pictures",
+                       description="Evaluate teachers (--model) at given step counts, students of training runs "
+                                   "(--run) or a folder of images (--images). Writes DIR/report.json, report.md "
+                                   "and report.html.", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("what to evaluate")
+    src.add_argument("--model", help="toy2d, digits, digits-sd, or a local Diffusers folder")
+    src.add_argument("--run", nargs="+", type=Path, metavar="RUN_DIR", help="training run(s) with RUN/student/")
+    src.add_argument("--images", type=Path, metavar="FOLDER", help="a folder of images of one size")
+    smp = p.add_argument_group("sampling (--model)")
+    smp.add_argument("--steps", default="1,2,4,8,50", help="comma-separated step counts (default 1,2,4,8,50)")
+    smp.add_argument("--scheduler", default="DDIMScheduler", help="Diffusers scheduler class (default DDIM)")
+    smp.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
+    smp.add_argument("--eta", type=float, help="scheduler eta (DDIM / TCD)")
+    smp.add_argument("--num-samples", type=int, default=1000, help="samples per row (default 1000)")
+    smp.add_argument("--batch-size", type=int, default=100, help="generation batch size; speed is measured at "
+                                                                "it (default 100)")
+    smp.add_argument("--seed", type=int, default=0, help="sample i uses seed SEED+i (default 0)")
+    met = p.add_argument_group("metrics")
+    met.add_argument("--benchmark", choices=["auto", "toy2d", "digits", "digits-sd", "generic"], default="auto",
+                     help="what to score against (auto: from the model / run; images: digits unless --ref)")
+    met.add_argument("--ref", type=Path, metavar="FOLDER", help="reference images for FID (generic: Inception)")
+    met.add_argument("--prompts", type=Path, metavar="FILE", help="prompts, one a line (text-to-image models)")
+    met.add_argument("--classifier", type=Path, metavar="FOLDER",
+                     help="digit classifier folder (default: the shipped digits-classifier asset)")
+    met.add_argument("--clip-model", help="open_clip model name (default digits-clip on the digits benchmarks)")
+    met.add_argument("--clip-pretrained", help="open_clip pretrained tag or weights file / folder")
+    met.add_argument("--no-speed", action="store_true", help="skip the extra timing batch for small runs")
+    p.add_argument("--out", type=Path, required=True, help="report folder")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--cache-dir", type=Path, help="reference statistics cache (default ~/.cache/stepdistill/fid)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+    return p
+
+
+def parse_steps(text: str) -> list[int]:
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--steps {text!r}: give comma-separated positive integers, e.g. 1,2,4,8,50") from None
+    if not steps or any(s < 1 for s in steps):
+        raise UsageError(f"--steps {text!r}: give comma-separated positive integers, e.g. 1,2,4,8,50")
+    return steps
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA device is visible; use --device auto or cpu")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                        ("cpu" if name == "auto" else name))
+
+
+def _check_args(args) -> None:
+    if args.images is None and args.model is None and not args.run:
+        raise UsageError("say what to evaluate: --model NAME|FOLDER, --run RUN_DIR or --images FOLDER")
+    if args.images is not None and (args.model is not None or args.run):
+        raise UsageError("--images cannot be combined with --model or --run")
+    if args.num_samples < 2 or args.batch_size < 1:
+        raise UsageError("--num-samples must be >= 2 and --batch-size >= 1")
+    if args.model is not None:
+        parse_steps(args.steps)
+
+
+def run(args) -> int:
+    from .report import markdown, write_report
+
+    _check_args(args)
+    device = _device(args.device)
+    progress = not args.quiet
+    out = args.out
+    if args.images is not None:
+        from .evaluate import evaluate_folder
+
+        from .images import list_images
+
+        list_images(args.images)  # bad folders fail before any model loads
+        bench = _images_benchmark(args, device, progress)
+        rows = [evaluate_folder(bench, args.images, out, device, progress)]
+    else:
+        from .evaluate import evaluate_entry
+
+        bench, entries = _entries(args, device, progress)
+        rows = [evaluate_entry(bench, e, out, args.num_samples, args.seed, args.batch_size, device, progress,
+                               speed=not args.no_speed) for e in entries]
+    settings = {**bench.settings(), "num_samples": args.num_samples, "seed": args.seed, "batch_size": args.batch_size,
+                "device": str(device), "mem_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss",
+                "torch_threads": torch.get_num_threads()}
+    report = write_report(rows, out, settings)
+    sys.stdout.write(markdown(report))
+    print(f"stepdistill: wrote {out / 'report.json'}, report.md, report.html")
+    return 0
+
+
+def _images_benchmark(args, device, progress):
+    from .benchmark import digits_benchmark, generic_benchmark
+
+    name = args.benchmark
+    if name == "auto":
+        name = "generic" if args.ref is not None else "digits"
+    if name in ("digits", "digits-sd"):
+        return digits_benchmark(name == "digits-sd", classifier=_classifier(args, device), clip=None, device=device,
+                                cache_root=args.cache_dir, progress=progress)  # a folder has no prompts
+    if name == "generic":
+        return generic_benchmark(str(args.ref) if args.ref else None, device=device, cache_root=args.cache_dir,
+                                 progress=progress)
+    raise UsageError(f"--benchmark {name} does not score image folders; use digits, digits-sd or generic")
+
+
+def _classifier(args, device):
+    if args.classifier is None:
+        return None
+    from ..classifier import load_classifier
+
+    return load_classifier(args.classifier, device)
+
+
+def _clip_choice(args, device):
+    if args.clip_model is None:
+        return "auto"
+    from .clip_score import CLIPScorer
+
+    return CLIPScorer(args.clip_model, args.clip_pretrained, device)
+
+
+def _entries(args, device, progress):
+    from .evaluate import Entry
+    from .loading import load_student, load_teacher
+    from .samplers import SamplerSpec
+
+    loaded = []
+    if args.model is not None:
+        loaded.append(load_teacher(args.model, device, benchmark=None if args.benchmark == "auto" else args.benchmark))
+    students = [load_student(r, device) for r in args.run or []]
+    loaded += students
+    names = {x.benchmark for x in loaded}
+    if args.benchmark != "auto":
+        names = {args.benchmark}
+    if len(names) > 1:
+        raise UsageError(f"--model and --run name different benchmarks ({', '.join(sorted(names))}); evaluate them "
+                         f"in separate reports or pass --benchmark")
+    bench = _benchmark(names.pop(), loaded, args, device, progress)
+    entries = []
+    if args.model is not None:
+        teacher = loaded[0]
+        guidance = args.guidance if args.guidance is not None else _default_guidance(teacher)
+        for s in parse_steps(args.steps):
+            spec = SamplerSpec(scheduler=args.scheduler, num_inference_steps=s, guidance_scale=guidance, eta=args.eta)
+            entries.append(Entry(f"teacher {spec.label()}", "teacher", teacher.sampler, spec, teacher.source))
+    for r, st in zip(args.run or [], students):
+        entries.append(Entry(f"{Path(r).name} {st.spec.label()}", st.method, st.sampler, st.spec, st.source))
+    return bench, entries
+
+
+def _default_guidance(loaded) -> float | None:
+    info = loaded.info or {}
+    for key in ("guidance_scale", "guidance"):
+        if isinstance(info.get(key), (int, float)):
+            return float(info[key])
+        if isinstance(info.get("metrics"), dict) and isinstance(info["metrics"].get(key), (int, float)):
+            return float(info["metrics"][key])
+    return None
+
+
+def _benchmark(name, loaded, args, device, progress):
+    from .benchmark import digits_benchmark, generic_benchmark, read_prompts, toy2d_benchmark
+
+    if name == "toy2d":
+        from ..config import Toy2DData
+
+        data_cfg = next((x.data_cfg for x in loaded if x.data_cfg is not None and x.data_cfg.name == "toy2d"),
+                        Toy2DData())
+        return toy2d_benchmark(data_cfg)
+    if name in ("digits", "digits-sd"):
+        return digits_benchmark(name == "digits-sd", classifier=_classifier(args, device),
+                                clip=_clip_choice(args, device), device=device, cache_root=args.cache_dir,
+                                progress=progress)
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    cond = getattr(loaded[0].sampler, "conditioner", None)
+    num_classes = getattr(cond, "num_classes", None)
+    return generic_benchmark(str(args.ref) if args.ref else None, prompts, num_classes, args.clip_model,
+                             args.clip_pretrained, device, args.cache_dir, progress)

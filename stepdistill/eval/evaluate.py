@@ -1,0 +1,176 @@
+"""Score sampler configurations on a benchmark: one report row per configuration.
+
+For each configuration, samples are drawn in batches with per-sample seeds (``seed + i``); every batch
+streams into torchmetrics' FID (its feature module records the features for precision / recall and
+diversity), the classifier and CLIP; the first batch is the warm-up of the speed measurement.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .benchmark import Benchmark
+from .diversity import diversity
+from .features import Recorder
+from .fid import fid_metric
+from .precision_recall import precision_recall
+from .samplers import Sampler, SamplerSpec, count_calls, seeds_for
+from .speed import SpeedMeter
+
+GRID_SAMPLES = 100
+
+
+@dataclass
+class Entry:
+    """One sampler configuration (one report row)."""
+
+    name: str
+    method: str  # teacher | the training method of a student
+    sampler: Sampler
+    spec: SamplerSpec
+    model: str  # what was loaded
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "row"
+
+
+def empty_row(name: str, method: str, model: str | None = None) -> dict:
+    from .report import ROW_FIELDS
+
+    row = {k: None for k in ROW_FIELDS}
+    row.update(name=name, method=method, model=model)
+    return row
+
+
+def evaluate_entry(bench: Benchmark, entry: Entry, out_dir: Path, num_samples: int = 1000, seed: int = 0,
+                   batch_size: int = 100, device="cpu", progress: bool = True, speed: bool = True) -> dict:
+    """Generate ``num_samples`` samples with ``entry`` and score them; returns the report row."""
+    from tqdm.auto import tqdm
+
+    conds = bench.conditions(num_samples)
+    rec = Recorder(bench.extractor) if bench.extractor is not None else None
+    fid = fid_metric(rec, bench.reference.stats) if rec is not None and bench.reference is not None else None
+    correct, clip_scores, points, grid = [], [], [], []
+    meter, nfe = SpeedMeter(device, batch_size), None
+    with meter, tqdm(total=num_samples, desc=entry.name, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, num_samples, batch_size):
+            stop = min(start + batch_size, num_samples)
+            c, seeds = conds.slice(start, stop), seeds_for(seed, start, stop)
+            with count_calls(entry.sampler.net) as rows:
+                x = meter.time(lambda: entry.sampler(entry.spec, c, seeds), len(seeds))
+            nfe = nfe if nfe is not None else rows[0] / len(seeds)
+            if entry.sampler.output == "points":
+                points.append(x)
+            else:
+                _score_batch(bench, x, c, fid, rec, correct, clip_scores)
+                if sum(len(g) for g in grid) < GRID_SAMPLES:
+                    grid.append(x[:GRID_SAMPLES - sum(len(g) for g in grid)])
+            bar.update(len(seeds))
+        if speed and not meter.has_timing:  # too few batches: time one more full batch after the warm-up
+            extra = conds.slice(0, batch_size) if len(conds) >= batch_size else bench.conditions(batch_size)
+            meter.time(lambda: entry.sampler(entry.spec, extra, seeds_for(seed, num_samples, num_samples + batch_size)),
+                       batch_size)
+    row = empty_row(entry.name, entry.method, entry.model)
+    row.update(scheduler=entry.spec.scheduler, steps=entry.spec.steps, guidance_scale=entry.spec.guidance_scale,
+               eta=entry.spec.eta, nfe=nfe, num_samples=num_samples, batch_size=batch_size)
+    sp = meter.result() if speed else None
+    if sp is not None:
+        row.update(ms_per_image=sp.ms_per_image, images_per_s=sp.images_per_s, peak_mem_mb=sp.peak_mem_mb)
+    if points:
+        row.update(_toy_metrics(bench, torch.cat(points), seed))
+        from .images import save_scatter
+
+        row["grid"] = str(save_scatter(torch.cat(points)[:2000], out_dir / "grids" / f"{slug(entry.name)}.png",
+                                       bench.mixture.means, entry.name).relative_to(out_dir))
+        return row
+    row.update(_image_metrics(bench, conds, fid, rec, correct, clip_scores))
+    if grid:
+        row["grid"] = _save_grid(torch.cat(grid), out_dir, entry.name)
+    return row
+
+
+def _score_batch(bench, x, c, fid, rec, correct, clip_scores) -> None:
+    if fid is not None:
+        fid.update(x, real=False)  # the Recorder keeps the features
+    elif rec is not None:
+        rec(x)
+    if bench.classifier is not None and c.labels is not None:
+        correct.append(bench.classifier.logits(x).argmax(1).cpu() == c.labels)
+    if bench.clip is not None and c.prompts is not None:
+        clip_scores.append(bench.clip.score(x, c.prompts))
+
+
+def _image_metrics(bench, conds, fid, rec, correct, clip_scores) -> dict:
+    out = {}
+    feats = rec.features() if rec is not None else None
+    if fid is not None and len(feats) >= 2:
+        out["fid"] = max(float(fid.compute()), 0.0)
+    if bench.reference is not None and feats is not None and len(feats) > 3:
+        out["precision"], out["recall"] = precision_recall(bench.reference.features, feats)
+    if correct:
+        out["condition_accuracy"] = float(torch.cat(correct).double().mean())
+    if clip_scores:
+        out["clip_score"] = float(torch.cat(clip_scores).mean())
+    if feats is not None and len(feats):
+        out["diversity"] = diversity(feats, conds.groups())
+    return out
+
+
+def _toy_metrics(bench, pts: torch.Tensor, seed: int) -> dict:
+    from ..data.toy2d import toy_metrics
+
+    m = toy_metrics(pts, bench.mixture, seed=seed)
+    real, _ = bench.mixture.sample(len(pts), torch.Generator().manual_seed(20_000 + seed))
+    precision, recall = precision_recall(real, pts)
+    return {"sw2": m["sw2"], "modes_covered": m["modes_covered"], "num_modes": m["num_modes"],
+            "on_mode": m["on_mode"], "precision": precision, "recall": recall}
+
+
+def _save_grid(images: torch.Tensor, out_dir: Path, name: str) -> str:
+    from .images import save_grid
+
+    side = images.shape[-1]
+    scale = max(1, 64 // side)
+    return str(save_grid(images, out_dir / "grids" / f"{slug(name)}.png", nrow=10, scale=scale).relative_to(out_dir))
+
+
+# ---- image folders ----------------------------------------------------------------------------------
+def evaluate_folder(bench: Benchmark, folder: str | Path, out_dir: Path, device="cpu", progress: bool = True) -> dict:
+    """Score a folder of images (no sampling: no NFE or speed)."""
+    from .images import folder_features, folder_labels, list_images, load_images
+
+    folder = Path(folder).expanduser()
+    files = list_images(folder)
+    labels = folder_labels(files, folder)
+    row = empty_row(folder.name, "images", str(folder))
+    row["num_samples"] = len(files)
+    feats = None
+    if bench.extractor is not None:
+        feats = folder_features(files, bench.extractor, device, progress, desc=f"features {folder.name}")
+    if feats is not None and bench.reference is not None and len(feats) >= 2:
+        from .fid import fid_from_stats, FIDStats
+
+        row["fid"] = fid_from_stats(FIDStats.from_features(feats), bench.reference.stats)
+        if len(feats) > 3:
+            row["precision"], row["recall"] = precision_recall(bench.reference.features, feats)
+    if labels is not None and bench.classifier is not None:
+        logits = folder_features(files, _Logits(bench.classifier), device, progress, desc="classifier")
+        row["condition_accuracy"] = float((logits.argmax(1) == labels).double().mean())
+    if feats is not None:
+        row["diversity"] = diversity(feats, None if labels is None else labels.tolist())
+    row["grid"] = _save_grid(load_images(files[:GRID_SAMPLES]), out_dir, folder.name)
+    return row
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, images):
+        return self.classifier.logits(images)

@@ -1,0 +1,90 @@
+"""Speed: milliseconds per image and images per second after warm-up, at a stated batch size, and peak
+memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process's peak resident set size, sampled)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Speed:
+    batch_size: int
+    ms_per_image: float
+    images_per_s: float
+    peak_mem_mb: float | None
+    mem_kind: str  # "cuda_max_allocated" | "cpu_peak_rss"
+
+
+def _rss_mb() -> float | None:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:  # pragma: no cover
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class SpeedMeter:
+    """Times generation batches: the first batch is warm-up; later full batches (``batch_size`` images) are
+    timed. Peak memory covers the whole generation. Use as a context manager around the batches."""
+
+    def __init__(self, device, batch_size: int):
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.cuda = self.device.type == "cuda"
+        self.times: list[tuple[int, float]] = []
+        self._peak: float | None = None
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._peak = _rss_mb()
+            self._thread = threading.Thread(target=self._sample_rss, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample_rss(self):
+        while not self._stop.wait(0.01):
+            rss = _rss_mb()
+            if rss is not None:
+                self._peak = max(self._peak or 0.0, rss)
+
+    def __exit__(self, *exc):
+        if not self.cuda:
+            self._stop.set()
+            self._thread.join()
+        return False
+
+    def time(self, fn, n: int):
+        """Run ``fn()`` (which makes ``n`` images) and record its wall time."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        out = fn()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self.times.append((n, time.perf_counter() - t0))
+        return out
+
+    @property
+    def has_timing(self) -> bool:
+        return any(n == self.batch_size for n, _ in self.times[1:])
+
+    def result(self) -> Speed | None:
+        timed = [(n, t) for n, t in self.times[1:] if n == self.batch_size]
+        if not timed:
+            return None
+        n, t = sum(n for n, _ in timed), sum(t for _, t in timed)
+        if self.cuda:
+            peak, kind = torch.cuda.max_memory_allocated(self.device) / 2**20, "cuda_max_allocated"
+        else:
+            peak, kind = self._peak, "cpu_peak_rss"
+        return Speed(self.batch_size, 1000 * t / n, n / t, None if peak is None else float(peak), kind)
