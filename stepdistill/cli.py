@@ -22,13 +22,13 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _add_run_args(p: argparse.ArgumentParser, what: str) -> None:
+def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. train.steps=200 method.guidance=3 (values are YAML)")
-    p.add_argument("--out", type=Path, help=f"run directory (default: runs/<config folder>-<config name>)")
-    p.add_argument("--max-steps", type=int, help=f"stop after N steps (smoke tests, quick tries); the LR "
-                                                  f"schedule still follows train.steps")
+    p.add_argument("--out", type=Path, help="run directory (default: runs/<config folder>-<config name>)")
+    p.add_argument("--max-steps", type=int, help="stop after N steps (smoke tests, quick tries); the LR "
+                                                  "schedule still follows train.steps")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
@@ -43,11 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="distil a student from a config (DMD, TSCD, ...)",
                        description="Train a few-step student. Writes RUN/config.yaml, RUN/metrics.jsonl, "
                                    "RUN/checkpoints/ and RUN/student/ (LoRA or UNet + sampling.json).")
-    _add_run_args(p, "train")
+    _add_run_args(p)
     p = sub.add_parser("pretrain", help="train a teacher / helper network (denoising, classifier, ...)",
                        description="Pretrain a network with the same loop (teachers of the embedded "
                                    "benchmarks, control LoRAs). Writes RUN/export/ with the result.")
-    _add_run_args(p, "pretrain")
+    _add_run_args(p)
     import importlib
 
     for module in SUBCOMMAND_MODULES:  # each module's add_parser(sub) registers itself (set_defaults(func=...))

@@ -10,61 +10,17 @@ the stock ``StableDiffusionPipeline`` for text-to-image models).
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import UsageError
 from ..pipelines import make_scheduler, sample
+from ..recipe import SamplingRecipe
 
 
-class SamplerSpec(BaseModel):
-    """A sampling recipe: stock Diffusers scheduler class + kwargs, steps (or explicit timesteps), CFG scale
-    (null: no guidance) and eta. Extra keys written by a trainer are kept (``model_extra``)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    scheduler: str = "DDIMScheduler"
-    scheduler_kwargs: dict[str, Any] = Field(default_factory=dict)
-    num_inference_steps: int | None = Field(None, ge=1)
-    timesteps: list[int] | None = None
-    guidance_scale: float | None = None
-    eta: float | None = None
-
-    @model_validator(mode="after")
-    def _has_steps(self):
-        if self.num_inference_steps is None and not self.timesteps:
-            raise ValueError("set num_inference_steps or timesteps")
-        return self
-
-    @property
-    def steps(self) -> int:
-        return len(self.timesteps) if self.timesteps else int(self.num_inference_steps)
-
-    def label(self) -> str:
-        name = self.scheduler.removesuffix("Scheduler")
-        w = "" if self.guidance_scale in (None, 1.0) else f" w={self.guidance_scale:g}"
-        return f"{name}-{self.steps}{w}"
-
-    @classmethod
-    def load(cls, path: str | Path) -> "SamplerSpec":
-        path = Path(path)
-        if not path.is_file():
-            raise UsageError(f"sampling recipe not found: {path}")
-        try:
-            return cls.model_validate(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-        except ValidationError as e:
-            err = e.errors()[0]
-            raise UsageError(f"{path}: {'.'.join(map(str, err['loc'])) or 'recipe'}: {err['msg']}") from None
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
+SamplerSpec = SamplingRecipe  # one recipe schema for students and evaluated teacher configurations
 
 
 @dataclass
