@@ -22,8 +22,10 @@ def tiny_clip_tokenizer(out_dir: Path, max_length: int = 16):
     return tok
 
 
-def tiny_sd_pipeline(out_dir: Path, sdxl: bool = False, seed: int = 0, prediction_type: str = "epsilon") -> Path:
-    """Save a tiny random StableDiffusion(XL)Pipeline folder (8x8x4 latents, 16x16 RGB images)."""
+def tiny_sd_pipeline(out_dir: Path, sdxl: bool = False, seed: int = 0, prediction_type: str = "epsilon",
+                     width: int = 16, latent_size: int = 8) -> Path:
+    """Save a tiny random StableDiffusion(XL)Pipeline folder (latent_size^2 x 4 latents, RGB images twice as
+    large); ``width`` scales the UNet's channels (16 -> ~0.1M parameters, 128 -> ~12M)."""
     from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -35,7 +37,8 @@ def tiny_sd_pipeline(out_dir: Path, sdxl: bool = False, seed: int = 0, predictio
                     num_attention_heads=2, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, projection_dim=16)
     enc = CLIPTextModel(CLIPTextConfig(**text_cfg)).eval()
-    unet_kw = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+    unet_kw = dict(sample_size=latent_size, in_channels=4, out_channels=4, block_out_channels=(width, 2 * width),
+                   layers_per_block=1,
                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4, norm_num_groups=8,
                    cross_attention_dim=16)
@@ -45,7 +48,7 @@ def tiny_sd_pipeline(out_dir: Path, sdxl: bool = False, seed: int = 0, predictio
     unet = UNet2DConditionModel(**unet_kw).eval()
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=4, sample_size=16).eval()
+                        layers_per_block=1, norm_num_groups=4, sample_size=2 * latent_size).eval()
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                           beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                           prediction_type=prediction_type)
