@@ -124,6 +124,8 @@ class DigitsSDData(Strict):
     templates: list[str] | None = Field(None, description="prompt templates with {word} / {num}")
     channels: int = Field(3, ge=1, description="image channels (gray replicated, RGB like SD) when no VAE "
                                                "encodes them")
+    dilate: int = Field(0, ge=0, description="stroke dilation radius in pixels (a (2r+1)^2 max filter): bold "
+                                             "digits, the data of a 'bold strokes' control LoRA; 0: none")
 
 
 class PromptsData(Strict):
@@ -245,8 +247,52 @@ class DMDConfig(Strict):
         return self
 
 
+class TSCDStage(Strict):
+    """One stage of progressive TSCD: the trajectory split into ``segments`` equal segments for ``steps`` steps."""
+
+    segments: int = Field(..., ge=1, le=1000)
+    steps: int = Field(..., ge=1, description="optimisation steps of this stage")
+    adv_weight: float = Field(0.0, ge=0, description="weight of the adversarial term in this stage (needs "
+                                                     "method.gan); Hyper-SD raises it as segments shrink")
+
+
+class TSCDConfig(Strict):
+    """Trajectory-segmented consistency distillation (Hyper-SD, Ren et al. 2024, Sec. 3.1): consistency
+    distillation inside k equal segments, k = 8 -> 4 -> 2 -> 1 in one run; one student for 1..8 steps."""
+
+    name: Literal["tscd"] = "tscd"
+    teacher_steps: int = Field(50, ge=2, description="N of the teacher's DDIM solver grid (skip interval T // N)")
+    stages: list[TSCDStage] = Field(
+        default_factory=lambda: [TSCDStage(segments=k, steps=250) for k in (8, 4, 2, 1)], min_length=1,
+        description="in order; their steps must add up to train.steps")
+    guidance_min: float = Field(1.0, ge=1.0, description="teacher CFG scale w ~ U[guidance_min, guidance_max] "
+                                                         "per sample, baked into the student")
+    guidance_max: float = Field(1.0, ge=1.0)
+    loss: Literal["huber", "l2"] = "huber"
+    huber_c: float = Field(1e-3, gt=0, description="pseudo-Huber c (LCM uses 0.001)")
+    target_decay: float = Field(0.95, ge=0, lt=1, description="EMA decay of the target network (0: the student "
+                                                              "itself, without gradient)")
+    x0_source: Literal["auto", "data", "student"] = Field(
+        "auto", description="clean samples noised to x_t: real data, or (data-free) the target network's "
+                            "k-step samples; auto: data when the data source has real samples")
+    student: StudentNetConfig = StudentNetConfig()
+    gan: GANConfig | None = Field(None, description="adversarial term: a head on the frozen teacher's mid-block "
+                                                    "features, real data noised to the segment edge")
+    sampler_steps: int = Field(4, ge=1, description="num_inference_steps of the exported recipes")
+    eta: float = Field(0.3, ge=0, le=1, description="TCDScheduler eta (gamma) of the exported recipe")
+    loss_weights: dict[str, float] = Field(default_factory=lambda: {"tscd": 1.0, "gan_g": 1.0, "gan_d": 1.0})
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.guidance_min > self.guidance_max:
+            raise ValueError("guidance_min must not exceed guidance_max")
+        if self.gan is None and any(s.adv_weight > 0 for s in self.stages):
+            raise ValueError("a stage has adv_weight > 0 but method.gan is null; set method.gan: {hidden: 64}")
+        return self
+
+
 MethodConfig = Annotated[Union[DenoisingConfig, DMDConfig, VAEConfig, ClipTextConfig, ClassifierConfig,
-                               OpenClipConfig],
+                               OpenClipConfig, TSCDConfig],
                          Field(discriminator="name")]
 
 

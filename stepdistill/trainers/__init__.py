@@ -9,6 +9,7 @@ from .base import Context, Method, Phase, Trainer
 METHODS: dict[str, str] = {
     "denoising": "stepdistill.trainers.denoising:DenoisingMethod",
     "dmd": "stepdistill.trainers.dmd:DMDMethod",
+    "tscd": "stepdistill.trainers.tscd:TSCDMethod",
     "classifier": "stepdistill.trainers.classifier:ClassifierMethod",
     "vae": "stepdistill.trainers.vae:VAEMethod",
     "clip_text": "stepdistill.trainers.clip_text:ClipTextMethod",
