@@ -253,12 +253,51 @@ def _scratch_bundle(model_cfg, data_cfg, device) -> ModelBundle:
         shape = (net.config.in_channels, net.config.sample_size, net.config.sample_size)
         n = net.config.num_class_embeds
         cond = ClassConditioner(n - 1, device) if n else NoConditioner()
+    elif kind == "sd":
+        return _sd_scratch_bundle(model_cfg, sched_cfg, schedule, device)
     else:
-        raise UsageError(f"model.arch with model.kind={kind} is not supported; use mlp or unet2d, or load "
+        raise UsageError(f"model.arch with model.kind={kind} is not supported; use mlp, unet2d or sd, or load "
                          f"a pipeline folder with model.pretrained")
     pred = sched_cfg["prediction_type"]
     net.to(device)
     return ModelBundle(kind, Denoiser(net, schedule, pred), net, schedule, sched_cfg, shape, cond)
+
+
+def _sd_scratch_bundle(model_cfg, sched_cfg: dict, schedule: NoiseSchedule, device) -> ModelBundle:
+    """kind sd from ``model.arch``: a fresh ``UNet2DConditionModel`` over a trained VAE, text encoder and
+    tokenizer named in ``model.components`` (how digits-sd's UNet is pretrained, as SD trains its UNet
+    over a frozen autoencoder and CLIP text encoder)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    def folder(name: str) -> Path:
+        if name not in model_cfg.components:
+            raise UsageError(f"model.kind=sd with model.arch needs model.components.{name} (a folder)")
+        src = model_cfg.components[name]
+        p = resolve_source(src) if src.startswith("asset:") else Path(src).expanduser()
+        if not p.is_dir():
+            raise UsageError(f"model.components.{name}: folder not found: {p}")
+        return p / name if (p / name).is_dir() else p
+
+    try:
+        vae = AutoencoderKL.from_pretrained(folder("vae")).eval()
+        tok = CLIPTokenizer.from_pretrained(folder("tokenizer"))
+        enc = CLIPTextModel.from_pretrained(folder("text_encoder")).eval()
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load model.components: {str(e).splitlines()[0]}") from None
+    unet = UNet2DConditionModel(**(model_cfg.arch or {}))
+    if unet.config.cross_attention_dim != enc.config.hidden_size or \
+            unet.config.in_channels != vae.config.latent_channels:
+        raise UsageError(f"model.arch must have cross_attention_dim={enc.config.hidden_size} (text encoder) and "
+                         f"in_channels={vae.config.latent_channels} (vae latents)")
+    for m in (vae, enc):
+        m.requires_grad_(False).to(device)
+    unet.to(device)
+    cond = TextConditioner([tok], [enc], device)
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    return ModelBundle("sd", Denoiser(unet, schedule, sched_cfg["prediction_type"]), unet, schedule, sched_cfg,
+                       shape, cond, vae=vae, vae_scaling=vae.config.scaling_factor,
+                       components={"tokenizers": [tok], "text_encoders": [enc], "path": None})
 
 
 def load_mlp(path: Path) -> tuple[MLP, str]:
@@ -350,6 +389,11 @@ def save_network(bundle: ModelBundle, net: nn.Module, out_dir: Path, prediction_
         return
     pipe = sd_pipeline(bundle, unet=net, scheduler=scheduler)
     pipe.save_pretrained(out_dir)
+    from .tokenizer import add_bpe_files
+
+    for sub in ("tokenizer", "tokenizer_2"):
+        if (out_dir / sub).is_dir():
+            add_bpe_files(out_dir / sub)  # vocab.json / merges.txt for the slow CLIPTokenizer too
 
 
 def sd_pipeline(bundle: ModelBundle, unet: nn.Module | None = None, scheduler=None):
