@@ -110,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         bad = [a for a in extra if a.startswith("-") or "=" not in a]
         if bad:
             raise UsageError(f"unrecognized arguments: {' '.join(bad)}")
-        if extra:
-            args.overrides = list(args.overrides) + extra
+        if extra:  # key=value overrides written after options
+            field = next((f for f in ("overrides", "names") if hasattr(args, f)), None)
+            if field is None:
+                raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
+            setattr(args, field, list(getattr(args, field)) + extra)
         if args.command in ("train", "pretrain"):
             return cmd_run(args, args.command)
         return args.func(args)

@@ -170,3 +170,55 @@ def test_real_scale_config_runs_on_tiny_pipeline_bf16(tmp_path, config, sdxl):
     pipe = cls.from_pretrained(base) if sdxl else cls.from_pretrained(base, safety_checker=None)
     pipe.load_lora_weights(tmp_path / "run" / "student")
     assert "default_0" in pipe.unet.peft_config
+
+
+def test_digits_sd_lora_matches_stock_pipeline(tmp_path):
+    """Export -> StableDiffusionPipeline.from_pretrained(digits-sd).load_lora_weights(RUN/student) + stock
+    LCMScheduler with the recipe's timesteps gives the images of `stepdistill sample` (the run's own student
+    view, sampled through pipelines.sample) and of the training-time generator, within 1e-4; also after fuse_lora."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    from stepdistill import assets
+    from stepdistill.config import load_config
+    from stepdistill.eval.loading import load_student
+    from stepdistill.eval.samplers import Conditions
+    from stepdistill.recipe import SamplingRecipe
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs/digits_sd/dmd_lora.yaml",
+                      ["train.steps=2", "train.batch_size=4", "method.regression=null", "method.student_every=1",
+                       "train.log_with=none", "train.optim.lr=1e-2", "method.student.lora.rank=4",
+                       "method.fake_score.lora.rank=4", "train.ema.decay=null"])  # export = live weights
+    run = tmp_path / "run"
+    t = Trainer(cfg, method_class("dmd"), run, show_progress=False)
+    t.fit()
+    method = t.method
+    recipe = SamplingRecipe.load(run / "student")
+    prompts = ["a handwritten digit seven", "the number 3"]
+    seeds = [11, 12]
+
+    pipe = StableDiffusionPipeline.from_pretrained(assets.path("digits-sd"), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(run / "student")
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    stock = pipe(prompts, generator=gens(), output_type="pt", **recipe.pipeline_kwargs()).images
+    ours = load_student(run).sampler(recipe, Conditions(prompts=prompts), seeds)  # what `stepdistill sample` draws
+    assert (stock - ours).abs().max() <= 1e-4
+
+    # the training-time generator on the same noise, decoded by the same VAE
+    with torch.no_grad():
+        z = torch.stack([torch.randn(method.bundle.sample_shape, generator=g) for g in gens()])
+        x0 = method.generator.sample(z, method.bundle.conditioner.encode(prompts=prompts), lambda x: None)
+        trained = (method.bundle.decode(x0) / 2 + 0.5).clamp(0, 1)
+    assert (stock - trained).abs().max() <= 1e-4
+
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    fused = pipe(prompts, generator=gens(), output_type="pt", **recipe.pipeline_kwargs()).images
+    assert (stock - fused).abs().max() <= 1e-4
+    base = StableDiffusionPipeline.from_pretrained(assets.path("digits-sd"), safety_checker=None)
+    base.scheduler = LCMScheduler.from_config(base.scheduler.config)
+    base.set_progress_bar_config(disable=True)
+    untouched = base(prompts, generator=gens(), output_type="pt", **recipe.pipeline_kwargs()).images
+    assert (stock - untouched).abs().max() > 1e-3  # the LoRA changed the model
