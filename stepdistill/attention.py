@@ -45,4 +45,6 @@ def configure_network(net: nn.Module, train_cfg) -> None:
     device = "cuda" if (torch.cuda.is_available() and train_cfg.device != "cpu") else "cpu"
     set_attention(net, train_cfg.attention, device)
     if train_cfg.gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
-        net.enable_gradient_checkpointing()
+        from .lora import checkpoint_keeping_adapters  # adapters of a shared base: recompute with the right one
+
+        net.enable_gradient_checkpointing(checkpoint_keeping_adapters)

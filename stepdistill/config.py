@@ -253,7 +253,8 @@ class TSCDStage(Strict):
     segments: int = Field(..., ge=1, le=1000)
     steps: int = Field(..., ge=1, description="optimisation steps of this stage")
     adv_weight: float = Field(0.0, ge=0, description="weight of the adversarial term in this stage (needs "
-                                                     "method.gan); Hyper-SD raises it as segments shrink")
+                                                     "method.gan, whose head trains in every stage); Hyper-SD "
+                                                     "raises it as segments shrink")
 
 
 class TSCDConfig(Strict):

@@ -60,10 +60,14 @@ def add_lora(net: nn.Module, name: str, rank: int, alpha: float | None = None,
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=targets,
                         init_lora_weights=init)
     before = {id(p): p.requires_grad for p in net.parameters()}
-    if is_diffusers:
+    if hasattr(net, "add_adapter"):  # Diffusers' PeftAdapterMixin (UNet2DModel has none: peft injects directly)
         net.add_adapter(config, adapter_name=name)  # (also makes it the only active adapter)
     else:
-        inject_adapter_in_model(config, net, adapter_name=name)
+        import warnings
+
+        with warnings.catch_warnings():  # several named adapters on one base is the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            inject_adapter_in_model(config, net, adapter_name=name)
     # the new adapter is trainable; everything else keeps its flag (add_adapter freezes earlier adapters)
     for p in net.parameters():
         p.requires_grad_(before.get(id(p), True))
@@ -107,6 +111,39 @@ def active_adapter(net: nn.Module, name: str | None, all_off: bool = False) -> I
         yield
     finally:
         for layer, names, disabled in saved:
+            layer.set_adapter(names)
+            layer.enable_adapters(not disabled)
+        for p, flag in grads:
+            p.requires_grad_(flag)
+
+
+def checkpoint_keeping_adapters(module: nn.Module, *args):
+    """Gradient checkpointing (non-reentrant) that recomputes ``module`` with the adapter selection it ran with.
+    Views of one shared base switch adapters per call (:func:`active_adapter`) and switch back before the
+    backward pass, so Diffusers' default checkpointing would recompute with another adapter (or none) and
+    either fail or silently give the wrong gradients. Pass to ``enable_gradient_checkpointing``."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = _tuner_layers(module) if isinstance(module, nn.Module) else []
+    recorded = [(layer, list(layer.active_adapters), layer.disable_adapters) for layer in layers]
+    return checkpoint(module.__call__, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _selection(recorded)))
+
+
+@contextlib.contextmanager
+def _selection(recorded) -> Iterator[None]:
+    """Put tuner layers back into a recorded (active adapters, disabled) selection, keeping requires_grad flags."""
+    current = [(layer, list(layer.active_adapters), layer.disable_adapters) for layer, _, _ in recorded]
+    grads = [(p, p.requires_grad) for layer, _, _ in recorded for p in layer.parameters()]
+    try:
+        for layer, names, disabled in recorded:
+            layer.set_adapter(names)
+            layer.enable_adapters(not disabled)
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        yield
+    finally:
+        for layer, names, disabled in current:
             layer.set_adapter(names)
             layer.enable_adapters(not disabled)
         for p, flag in grads:

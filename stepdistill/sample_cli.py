@@ -27,6 +27,18 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, help="override the CFG scale")
     p.add_argument("--out", type=Path, default=Path("samples"), help="output folder (default ./samples)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--hybrid-base-steps", type=int, metavar="N",
+                   help="--run: the run's teacher takes the first N steps of the student's recipe, the student the "
+                        "rest (hybrid sampling, Gandikota & Bau 2025)")
+    p.add_argument("--hybrid-mode", choices=["replace", "add"], default="replace",
+                   help="replace: same NFE (default); add: the base steps come in front of the whole recipe")
+    p.add_argument("--hybrid-base-guidance", type=float, metavar="W", help="CFG scale of the base steps (default none)")
+    p.add_argument("--hybrid-base-scheduler", default="ode", metavar="NAME",
+                   help="base steps' scheduler: ode (default: deterministic DDIM / Euler steps on the student's "
+                        "timesteps), recipe (the student's own, e.g. LCM, as in the paper) or NAME[:key=value,...]")
+    p.add_argument("--x0-grid", action="store_true",
+                   help="also write DIR/x0_grid.png: each step's decoded x0-prediction (a column per step) for "
+                        "the first samples")
     p.set_defaults(func=run)
     return p
 
@@ -68,7 +80,15 @@ def run(args) -> int:
 
     if args.num < 1 or args.batch_size < 1:
         raise UsageError("--num and --batch-size must be >= 1")
-    loaded = load_student(args.run) if args.run else load_teacher(args.model)
+    if args.hybrid_base_steps is not None:
+        from .eval.loading import load_hybrid
+
+        if not args.run or args.hybrid_base_steps < 1:
+            raise UsageError("--hybrid-base-steps N needs --run RUN_DIR (the student) and N >= 1")
+        loaded = load_hybrid(args.run, base_steps=args.hybrid_base_steps, mode=args.hybrid_mode,
+                             base_guidance=args.hybrid_base_guidance, base_scheduler=args.hybrid_base_scheduler)
+    else:
+        loaded = load_student(args.run) if args.run else load_teacher(args.model)
     spec = loaded.spec or SamplerSpec(scheduler="DDIMScheduler", num_inference_steps=50)
     update = {}
     if args.steps:
@@ -95,5 +115,14 @@ def run(args) -> int:
             arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
             Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr).save(args.out / f"{seeds[k]:06d}.png")
         path = save_grid(x, args.out / "grid.png", nrow=args.num, scale=4)
-    print(f"stepdistill: wrote {len(x)} samples ({spec.label()}) to {args.out}; overview {path}")
+        if args.x0_grid:
+            from .eval.samplers import Conditions
+            from .eval.trajectory import save_x0_grid, trace
+
+            idx = list(range(0, n, args.num))[:10]  # the first sample of each prompt / label
+            sub = Conditions(None if conds.labels is None else conds.labels[idx],
+                             None if conds.prompts is None else [conds.prompts[i] for i in idx])
+            save_x0_grid(trace(loaded.sampler, spec, sub, [seeds[i] for i in idx]), args.out / "x0_grid.png")
+    label = loaded.sampler.label(spec) if hasattr(loaded.sampler, "label") else spec.label()
+    print(f"stepdistill: wrote {len(x)} samples ({label}) to {args.out}; overview {path}")
     return 0

@@ -63,6 +63,11 @@ class NoiseSchedule:
     def sigma(self, t, like=None) -> torch.Tensor:
         return (1 - self.alpha_bar(t, like)).sqrt()
 
+    def ve_sigma(self, t, like=None) -> torch.Tensor:
+        """s_t / a_t: the noise level of the sigma-scaled latents x_t / a_t = x0 + (s_t / a_t) eps that Euler-type
+        (k-diffusion, Karras et al. 2022) schedulers step; their latents are the VP latents times 1 / a_t."""
+        return self.sigma(t, like) / self.alpha(t, like)
+
     def snr(self, t) -> torch.Tensor:
         ab = self.alpha_bar(t)
         return ab / (1 - ab)
@@ -142,6 +147,17 @@ class NoiseSchedule:
         s_t, s_s = self.sigma(t, like), self.sigma(s, like)
         return (s_t**2 - (a_t / a_s) ** 2 * s_s**2).clamp_min(0).sqrt()
 
+    def tcd_step(self, x0: torch.Tensor, eps: torch.Tensor, t_prev: int, eta: float,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
+        """TCD's gamma step (Zheng et al. 2024, Alg. 4; Diffusers' ``TCDScheduler.step``): DDIM jump to
+        s = floor((1 - eta) t_prev), then re-noise s -> t_prev with ``noise``; ``noise=None`` or eta = 0 stays
+        at s (TCD's last step, which lands at timestep 0)."""
+        s = tcd_intermediate_timestep(t_prev, eta)
+        x_s = self.ddim_jump(x0, eps, s)
+        if noise is None or eta == 0:
+            return x_s
+        return self.renoise(x_s, s, t_prev, noise)
+
     @staticmethod
     def lcm_boundary_scalings(t, timestep_scaling: float = 10.0, sigma_data: float = 0.5):
         """Consistency-model boundary scalings (c_skip, c_out) at timestep t, as Diffusers' LCMScheduler."""
@@ -201,3 +217,35 @@ def snr_subintervals(num_phases: int, schedule: NoiseSchedule, spacing: str = "l
     if any(b <= c for b, c in zip(bounds, bounds[1:])):
         raise ValueError(f"phase boundaries are not strictly decreasing: {bounds}")
     return bounds
+
+
+# ---- trajectory-segmented consistency distillation and TCD sampling (Hyper-SD; Zheng et al. 2024) -------------
+def tscd_timesteps(num_teacher_steps: int, num_segments: int, num_train_timesteps: int = 1000) -> list[int]:
+    """Ascending timesteps a TSCD student trains at: the N-step DDIM solver grid plus every segment's upper
+    edge (the k-step trailing schedule), so the timesteps a k-step sampler visits are trained exactly."""
+    edges = segment_edges(num_segments, num_train_timesteps)
+    return sorted(set(ddim_grid(num_teacher_steps, num_train_timesteps)) | set(edges[1:]))
+
+
+def solver_target_timestep(t: torch.Tensor, skip: int, edges: Sequence[int]) -> torch.Tensor:
+    """t' of the teacher's one solver step from t: ``skip`` timesteps down, clamped at t's segment lower edge
+    (TSCD never lets the teacher step across a segment boundary)."""
+    return torch.maximum(t.long() - int(skip), lower_edge(t, edges))
+
+
+def tcd_timesteps(num_steps: int, original_steps: int = 50, num_train_timesteps: int = 1000) -> list[int]:
+    """Descending inference timesteps of Diffusers' ``TCDScheduler.set_timesteps(num_steps)``: ``num_steps``
+    points, evenly spaced by index, of the ``original_steps``-point distillation grid (k = T // N, k - 1 .. N k - 1)."""
+    if not 1 <= num_steps <= original_steps <= num_train_timesteps:
+        raise ValueError(f"need 1 <= num_steps ({num_steps}) <= original_steps ({original_steps}) <= "
+                         f"{num_train_timesteps}")
+    grid = (np.arange(1, original_steps + 1) * (num_train_timesteps // original_steps) - 1)[::-1]
+    idx = np.floor(np.linspace(0, len(grid), num=num_steps, endpoint=False)).astype(np.int64)
+    return [int(t) for t in grid[idx]]
+
+
+def tcd_intermediate_timestep(t_prev: int, eta: float) -> int:
+    """TCD's s = floor((1 - eta) t_prev), computed in float32 exactly as ``TCDScheduler.step`` does."""
+    if not 0 <= eta <= 1:
+        raise ValueError(f"TCD eta (gamma) must be in [0, 1], got {eta}")
+    return int(torch.floor((1 - eta) * torch.tensor(int(t_prev))))

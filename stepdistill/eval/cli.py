@@ -15,6 +15,10 @@ EXAMPLES = """examples:
   stepdistill eval --model digits --steps 1,2,4,8,50 --num-samples 1000 --out runs/eval-digits
   stepdistill eval --model digits-sd --steps 4,50 --guidance 3 --out runs/eval-sd
   stepdistill eval --run runs/digits-dmd --model digits --steps 50 --out runs/eval-dmd
+  stepdistill eval --run runs/digits_sd-tscd_lora --steps 1,2,4,8 --out runs/eval-tscd      (one student, 4 rows)
+  stepdistill eval --run runs/digits_sd-tscd_lora --steps 1,2,4,8 --recipe sampling_ddim_trailing.json --out ...
+  stepdistill eval --model digits-sd --steps 50 --run runs/digits_sd-dmd_lora --hybrid-base-steps 1 --out runs/eval-hyb
+                                                   (teacher, student and teacher-then-student hybrid rows, x0 grids)
   stepdistill eval --images samples/ --out runs/eval-folder          (subfolders 0..9 give digit labels)
   stepdistill eval --model ./my-sd15 --prompts prompts.txt --ref ./coco-val --clip-model ViT-B-32 \\
       --clip-pretrained openai --out runs/eval-sd15                   (Inception / CLIP weights: connected machine)
@@ -32,10 +36,25 @@ def add_parser(sub) -> argparse.ArgumentParser:
     src.add_argument("--run", nargs="+", type=Path, metavar="RUN_DIR", help="training run(s) with RUN/student/")
     src.add_argument("--images", type=Path, metavar="FOLDER", help="a folder of images of one size")
     smp = p.add_argument_group("sampling (--model)")
-    smp.add_argument("--steps", default="1,2,4,8,50", help="comma-separated step counts (default 1,2,4,8,50)")
+    smp.add_argument("--steps", help="comma-separated step counts (default 1,2,4,8,50); given with --run, students "
+                                     "whose recipe does not fix its timesteps (e.g. TSCD) get one row per count")
+    smp.add_argument("--recipe", default="sampling.json", metavar="FILE",
+                     help="--run: the recipe file in RUN/student/ (default sampling.json; e.g. "
+                          "sampling_ddim_trailing.json, a TSCD student's DDIM-trailing alternative)")
     smp.add_argument("--scheduler", default="DDIMScheduler", help="Diffusers scheduler class (default DDIM)")
     smp.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
     smp.add_argument("--eta", type=float, help="scheduler eta (DDIM / TCD)")
+    smp.add_argument("--hybrid-base-steps", type=int, metavar="N",
+                     help="--run: add a hybrid row per run: its teacher for the first N steps of the student's "
+                          "recipe, the student for the rest (Gandikota & Bau 2025)")
+    smp.add_argument("--hybrid-mode", choices=["replace", "add"], default="replace",
+                     help="replace: the base steps replace the student's first steps (same NFE, default); add: "
+                          "they come in front of the whole recipe (+N NFE)")
+    smp.add_argument("--hybrid-base-guidance", type=float, metavar="W",
+                     help="CFG scale of the hybrid's base steps (default: none, as in the paper)")
+    smp.add_argument("--hybrid-base-scheduler", default="ode", metavar="NAME",
+                     help="base steps' scheduler: ode (default: deterministic DDIM / Euler steps on the student's "
+                          "timesteps), recipe (the student's own, e.g. LCM, as in the paper) or NAME[:key=value,...]")
     smp.add_argument("--num-samples", type=int, default=1000, help="samples per row (default 1000)")
     smp.add_argument("--batch-size", type=int, default=100, help="generation batch size; speed is measured at "
                                                                 "it (default 100)")
@@ -50,12 +69,18 @@ def add_parser(sub) -> argparse.ArgumentParser:
     met.add_argument("--clip-model", help="open_clip model name (default digits-clip on the digits benchmarks)")
     met.add_argument("--clip-pretrained", help="open_clip pretrained tag or weights file / folder")
     met.add_argument("--no-speed", action="store_true", help="skip the extra timing batch for small runs")
+    met.add_argument("--x0-grids", type=int, metavar="N",
+                     help="trace N samples per row: x0 at every step (grid in the report) and the step at which "
+                          "the layout settles (default 10 with --hybrid-base-steps, else 0)")
     p.add_argument("--out", type=Path, required=True, help="report folder")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--cache-dir", type=Path, help="reference statistics cache (default ~/.cache/stepdistill/fid)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
+
+
+DEFAULT_STEPS = "1,2,4,8,50"
 
 
 def parse_steps(text: str) -> list[int]:
@@ -82,8 +107,10 @@ def _check_args(args) -> None:
         raise UsageError("--images cannot be combined with --model or --run")
     if args.num_samples < 2 or args.batch_size < 1:
         raise UsageError("--num-samples must be >= 2 and --batch-size >= 1")
-    if args.model is not None:
+    if args.steps is not None:
         parse_steps(args.steps)
+    if args.hybrid_base_steps is not None and (not args.run or args.hybrid_base_steps < 1):
+        raise UsageError("--hybrid-base-steps N needs --run RUN_DIR (the student) and N >= 1")
 
 
 def run(args) -> int:
@@ -105,8 +132,9 @@ def run(args) -> int:
         from .evaluate import evaluate_entry
 
         bench, entries = _entries(args, device, progress)
+        x0 = args.x0_grids if args.x0_grids is not None else (10 if args.hybrid_base_steps else 0)
         rows = [evaluate_entry(bench, e, out, args.num_samples, args.seed, args.batch_size, device, progress,
-                               speed=not args.no_speed) for e in entries]
+                               speed=not args.no_speed, x0_samples=x0) for e in entries]
     settings = {**bench.settings(), "num_samples": args.num_samples, "seed": args.seed, "batch_size": args.batch_size,
                 "device": str(device), "mem_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss",
                 "torch_threads": torch.get_num_threads()}
@@ -155,7 +183,7 @@ def _entries(args, device, progress):
     loaded = []
     if args.model is not None:
         loaded.append(load_teacher(args.model, device, benchmark=None if args.benchmark == "auto" else args.benchmark))
-    students = [load_student(r, device) for r in args.run or []]
+    students = [load_student(r, device, recipe=args.recipe) for r in args.run or []]
     loaded += students
     names = {x.benchmark for x in loaded}
     if args.benchmark != "auto":
@@ -168,11 +196,21 @@ def _entries(args, device, progress):
     if args.model is not None:
         teacher = loaded[0]
         guidance = args.guidance if args.guidance is not None else _default_guidance(teacher)
-        for s in parse_steps(args.steps):
+        for s in parse_steps(args.steps or DEFAULT_STEPS):
             spec = SamplerSpec(scheduler=args.scheduler, num_inference_steps=s, guidance_scale=guidance, eta=args.eta)
             entries.append(Entry(f"teacher {spec.label()}", "teacher", teacher.sampler, spec, teacher.source))
     for r, st in zip(args.run or [], students):
-        entries.append(Entry(f"{Path(r).name} {st.spec.label()}", st.method, st.sampler, st.spec, st.source))
+        counts = parse_steps(args.steps) if args.steps and not st.spec.timesteps else [None]
+        for s in counts:  # a student that samples at any step count (TSCD): one row per count
+            spec = st.spec if s is None else st.spec.model_copy(update={"num_inference_steps": s, "timesteps": None})
+            entries.append(Entry(f"{Path(r).name} {spec.label()}", st.method, st.sampler, spec, st.source))
+        if args.hybrid_base_steps:
+            from .loading import load_hybrid
+
+            hy = load_hybrid(r, device, args.hybrid_base_steps, args.hybrid_mode, args.hybrid_base_guidance,
+                             recipe=args.recipe, base_scheduler=args.hybrid_base_scheduler)
+            entries.append(Entry(f"{Path(r).name} {hy.sampler.label(hy.spec)}", hy.method, hy.sampler, hy.spec,
+                                 hy.source))
     return bench, entries
 
 

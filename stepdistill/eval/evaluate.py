@@ -48,8 +48,10 @@ def empty_row(name: str, method: str, model: str | None = None) -> dict:
 
 
 def evaluate_entry(bench: Benchmark, entry: Entry, out_dir: Path, num_samples: int = 1000, seed: int = 0,
-                   batch_size: int = 100, device="cpu", progress: bool = True, speed: bool = True) -> dict:
-    """Generate ``num_samples`` samples with ``entry`` and score them; returns the report row."""
+                   batch_size: int = 100, device="cpu", progress: bool = True, speed: bool = True,
+                   x0_samples: int = 0) -> dict:
+    """Generate ``num_samples`` samples with ``entry`` and score them; returns the report row. With
+    ``x0_samples``, the first that many are also traced: x0 at every step (grid, distances, settle step)."""
     from tqdm.auto import tqdm
 
     conds = bench.conditions(num_samples)
@@ -61,7 +63,7 @@ def evaluate_entry(bench: Benchmark, entry: Entry, out_dir: Path, num_samples: i
         for start in range(0, num_samples, batch_size):
             stop = min(start + batch_size, num_samples)
             c, seeds = conds.slice(start, stop), seeds_for(seed, start, stop)
-            with count_calls(entry.sampler.net) as rows:
+            with count_calls(*getattr(entry.sampler, "nets", [entry.sampler.net])) as rows:
                 x = meter.time(lambda: entry.sampler(entry.spec, c, seeds), len(seeds))
             nfe = nfe if nfe is not None else rows[0] / len(seeds)
             if entry.sampler.output == "points":
@@ -91,7 +93,24 @@ def evaluate_entry(bench: Benchmark, entry: Entry, out_dir: Path, num_samples: i
     row.update(_image_metrics(bench, conds, fid, rec, correct, clip_scores))
     if grid:
         row["grid"] = _save_grid(torch.cat(grid), out_dir, entry.name)
+    if x0_samples > 0:
+        row.update(_x0_trajectory(bench, entry, out_dir, conds.slice(0, x0_samples), seeds_for(seed, 0, x0_samples)))
     return row
+
+
+def _x0_trajectory(bench, entry, out_dir, conds, seeds) -> dict:
+    """x0 grid, per-step feature distance to the final image and settle step of a few samples."""
+    from .trajectory import feature_distances, save_x0_grid, settle_step, trace, traceable
+
+    if not traceable(entry.sampler):
+        return {}
+    traj = trace(entry.sampler, entry.spec, conds, seeds)
+    path = save_x0_grid(traj, out_dir / "x0" / f"{slug(entry.name)}.png")
+    out = {"x0_grid": str(path.relative_to(out_dir)), "x0_timesteps": traj.timesteps, "x0_models": traj.models}
+    if bench.extractor is not None:
+        out["x0_distance"] = feature_distances(traj, bench.extractor)
+        out["settle_step"] = settle_step(out["x0_distance"])
+    return out
 
 
 def _score_batch(bench, x, c, fid, rec, correct, clip_scores) -> None:

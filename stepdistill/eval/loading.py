@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import UsageError
-from .samplers import DenoiserSampler, PipelineSampler, Sampler, SamplerSpec
+from .samplers import DenoiserSampler, HybridSampler, PipelineSampler, Sampler, SamplerSpec, parse_scheduler
 
 SHIPPED = {"digits": "digits-teacher", "digits-sd": "digits-sd"}
 BENCHMARK_OF_DATA = {"toy2d": "toy2d", "digits": "digits", "digits_sd": "digits-sd", "prompts": "generic"}
@@ -127,8 +127,9 @@ def _run_config(run_dir: Path):
     return model, data, str((raw.get("method") or {}).get("name", "student"))
 
 
-def load_student(run_dir: str | Path, device="cpu") -> Loaded:
-    """The student of a training run as a sampler, with its recipe (``RUN/student/sampling.json``)."""
+def load_student(run_dir: str | Path, device="cpu", recipe: str = "sampling.json") -> Loaded:
+    """The student of a training run as a sampler, with its recipe (``RUN/student/sampling.json``, or another
+    recipe file the trainer wrote beside it, e.g. TSCD's ``sampling_ddim_trailing.json``)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"run directory not found: {run_dir}")
@@ -137,7 +138,7 @@ def load_student(run_dir: str | Path, device="cpu") -> Loaded:
     if not student.is_dir() or not any(student.iterdir()):
         raise UsageError(f"{run_dir} has no student ({student} is missing); finish training first (stepdistill "
                          f"train writes it at the end or with --max-steps)")
-    spec = SamplerSpec.load(student / "sampling.json")
+    spec = SamplerSpec.load(student / recipe)
     lora = (student / LORA_FILE).exists()
     full = (student / "model_index.json").exists() or (student / "unet").is_dir() or (student / "config.json").exists()
     if not (lora or full):
@@ -172,6 +173,31 @@ def load_student(run_dir: str | Path, device="cpu") -> Loaded:
         net, pred = _full_network(student, bundle)
         denoiser = bundle.denoiser(net.to(device).eval(), prediction_type=pred or recipe_pred)
     return Loaded(_bundle_sampler(bundle, denoiser, device), benchmark, str(run_dir), spec, method, data_cfg)
+
+
+def load_hybrid(run_dir: str | Path, device="cpu", base_steps: int = 1, mode: str = "replace",
+                base_guidance: float | None = None, recipe: str = "sampling.json",
+                base_scheduler: str | None = None) -> Loaded:
+    """A run's student behind its teacher for the first ``base_steps`` steps (``pipelines.hybrid``): two stock
+    pipelines for Stable Diffusion students (teacher, teacher + LoRA), two Denoisers otherwise.
+    ``base_scheduler``: 'recipe' / None (the student recipe's scheduler, the paper's setting), 'ode'
+    (deterministic DDIM / Euler steps on the same timesteps) or ``NAME[:key=value,...]``."""
+    student = load_student(run_dir, device, recipe=recipe)
+    model_cfg, data_cfg, _ = _run_config(Path(run_dir))
+    if isinstance(student.sampler, PipelineSampler):
+        from ..models import detect_kind, resolve_source
+
+        path = resolve_source(model_cfg.pretrained)
+        kind = detect_kind(path) if model_cfg.kind == "auto" else model_cfg.kind
+        base: Sampler = PipelineSampler(_open_pipeline(path, kind, device))
+    else:
+        from ..models import load_bundle
+
+        bundle = load_bundle(model_cfg, data_cfg, device)
+        base = _bundle_sampler(bundle, bundle.teacher, device)
+    name, kwargs = parse_scheduler(base_scheduler) if base_scheduler not in (None, "recipe") else (None, None)
+    sampler = HybridSampler(base, student.sampler, base_steps, mode, base_guidance, name, kwargs)
+    return Loaded(sampler, student.benchmark, student.source, student.spec, "hybrid", data_cfg)
 
 
 def _full_unet(student: Path, cls):

@@ -47,6 +47,15 @@ class ReportRow(BaseModel):
     num_modes: int | None = None
     on_mode: float | None = Field(None, description="toy2d: share of samples within 3 std of a mode")
     grid: str | None = Field(None, description="sample grid PNG, relative to the report folder")
+    x0_grid: str | None = Field(None, description="decoded x0-prediction at every step (one column per step, one "
+                                                  "row per sample) PNG, relative to the report folder")
+    x0_timesteps: list[int] | None = Field(None, description="per step of the x0 grid: its timestep")
+    x0_models: list[str] | None = Field(None, description="per step: the model that made it (hybrid: base / "
+                                                          "distilled)")
+    x0_distance: list[float] | None = Field(None, description="per step: mean cosine feature distance of the x0 "
+                                                              "to the final image")
+    settle_step: int | None = Field(None, description="first step (1-based) from which every x0 is within 0.05 "
+                                                      "feature distance of the final image: the layout is fixed")
 
 
 class Report(BaseModel):
@@ -87,6 +96,8 @@ def _columns(report: Report) -> list[str]:
     cols = list(TABLE)
     if any(r.sw2 is not None for r in report.rows):
         cols += TOY
+    if any(r.settle_step is not None for r in report.rows):
+        cols.append("settle_step")
     return cols
 
 
@@ -163,6 +174,19 @@ def write_plots(report: Report, out_dir: Path) -> dict[str, str]:
 
 
 # ---- html --------------------------------------------------------------------------------------------
+def _x0_caption(r: ReportRow) -> str:
+    parts = [r.name]
+    if r.x0_timesteps:
+        parts.append("t " + " ".join(map(str, r.x0_timesteps)))
+    if r.x0_models and len(set(r.x0_models)) > 1:
+        parts.append("models " + " ".join(m[0].upper() for m in r.x0_models))
+    if r.x0_distance:
+        parts.append("distance to final " + " ".join(f"{d:.2f}" for d in r.x0_distance))
+    if r.settle_step is not None:
+        parts.append(f"settles at step {r.settle_step}/{len(r.x0_distance or [])}")
+    return " · ".join(parts)
+
+
 def _img(out_dir: Path, rel: str, alt: str) -> str:
     data = base64.b64encode((out_dir / rel).read_bytes()).decode()
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}" title="{html.escape(rel)}">'
@@ -179,6 +203,12 @@ def to_html(report: Report, out_dir: Path, plots: dict[str, str]) -> str:
                    for n, p in plots.items())
     grids = "".join(f"<figure>{_img(out_dir, r.grid, r.name)}<figcaption>{esc(r.name)}</figcaption></figure>"
                     for r in report.rows if r.grid and (out_dir / r.grid).exists())
+    x0 = "".join(f"<figure>{_img(out_dir, r.x0_grid, r.name)}<figcaption>{esc(_x0_caption(r))}</figcaption></figure>"
+                 for r in report.rows if r.x0_grid and (out_dir / r.x0_grid).exists())
+    if x0:
+        grids += ("<h2>x0 at every step</h2><p>One column per step (left: first), one row per sample; the "
+                  "distance of each step's x0 to the final image (classifier features) shows when the layout "
+                  f"settles.</p>{x0}")
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td:first-child,td:nth-child(2)"
              "{text-align:left}figure{display:inline-block;margin:8px;vertical-align:top}"

@@ -45,9 +45,10 @@ def sample(denoiser: Denoiser, scheduler, shape: Sequence[int], cond: Cond | Non
            guidance: float | None = None, eta: float | None = None,
            generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
            device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-           callback: Callable[[int, int, torch.Tensor, torch.Tensor | None], None] | None = None,
+           callback: Callable[[int, int, torch.Tensor, torch.Tensor | None], bool | None] | None = None,
            start_index: int = 0, stop_index: int | None = None) -> torch.Tensor:
-    """Draw ``shape`` samples (model space). ``callback(i, t, x, x0_pred)`` runs after every step.
+    """Draw ``shape`` samples (model space). ``callback(i, t, x, x0_pred)`` runs after every step; when it
+    returns True the loop stops there (a hand-off, like a stock pipeline's ``_interrupt``).
     ``start_index`` / ``stop_index`` run a slice of the schedule (hybrid samplers hand off between models)."""
     if timesteps is not None:
         scheduler.set_timesteps(timesteps=list(timesteps), device=device)
@@ -75,5 +76,6 @@ def sample(denoiser: Denoiser, scheduler, shape: Sequence[int], cond: Cond | Non
             x0 = getattr(res, "pred_original_sample", None)
             if x0 is None:
                 x0 = getattr(res, "denoised", None)
-            callback(i, int(t), x, x0)
+            if callback(i, int(t), x, x0):
+                break
     return x
