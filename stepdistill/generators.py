@@ -57,3 +57,21 @@ class FewStepGenerator:
         """All steps, no gradient: the final sample."""
         x_t = self.simulate(noise, cond, self.num_steps - 1, fresh_noise)
         return self.denoise(x_t, self.timesteps[-1], cond)
+
+
+@torch.no_grad()
+def tcd_sample(student: Denoiser, noise: torch.Tensor, cond: Cond | None, timesteps: Sequence[int], eta: float,
+               fresh_noise: Callable[[torch.Tensor], torch.Tensor], guidance: float | None = None) -> torch.Tensor:
+    """Trajectory-consistency sampling (TCD, Zheng et al. 2024, Alg. 4) in pure schedule math, step for step as
+    a stock pipeline with ``TCDScheduler`` (``timesteps`` from ``schedules.tcd_timesteps``): at each timestep
+    the student's x0 / eps, a DDIM jump to s = floor((1 - eta) t_prev), re-noising to t_prev with fresh noise
+    (not after the last step, whose t_prev is 0). eta = 0 with segment edges as ``timesteps`` is the student's
+    own segment-to-segment DDIM chain. ``fresh_noise(like)`` draws in the order the scheduler does."""
+    schedule, ts = student.schedule, [int(t) for t in timesteps]
+    x = noise
+    for i, t in enumerate(ts):
+        last = i == len(ts) - 1
+        t_prev = 0 if last else ts[i + 1]
+        x0, eps = student.x0_eps(x, t, cond, guidance)
+        x = schedule.tcd_step(x0, eps, t_prev, eta, None if (last or eta == 0) else fresh_noise(x))
+    return x

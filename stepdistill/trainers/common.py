@@ -30,6 +30,14 @@ class TrainableNet:
         wanted = {id(p) for p in lora_parameters(self.module, self.adapter)}
         return [(n, p) for n, p in self.module.named_parameters() if id(p) in wanted]
 
+    def weights(self) -> dict[str, nn.Parameter]:
+        """Every weight this network owns, trainable or not, keyed without the adapter name, so that a LoRA
+        adapter and its twin on the same base (or a full network and its copy) pair up key for key."""
+        if self.adapter is None:
+            return dict(self.module.named_parameters())
+        tag = f".{self.adapter}."
+        return {n.replace(tag, "."): p for n, p in self.module.named_parameters() if tag in n and "lora_" in n}
+
 
 def make_trainable(bundle: ModelBundle, name: str, lora_cfg, shared_base: nn.Module | None = None) -> TrainableNet:
     """Initialise a network from the bundle's init network: a full trainable copy, or a LoRA adapter ``name``
@@ -40,6 +48,27 @@ def make_trainable(bundle: ModelBundle, name: str, lora_cfg, shared_base: nn.Mod
     base = shared_base if shared_base is not None else bundle.new_network(trainable=False)
     add_lora(base, name, lora_cfg.rank, lora_cfg.alpha, lora_cfg.target_modules)
     return TrainableNet(name, bundle.denoiser(base, adapter=name), base, name)
+
+
+def make_target(bundle: ModelBundle, online: TrainableNet, lora_cfg, name: str = "target") -> TrainableNet:
+    """A frozen twin of ``online`` that follows it by EMA (the target network of consistency distillation,
+    Song et al. 2023): a second LoRA adapter on the same frozen base, or a full frozen copy; starts equal."""
+    target = make_trainable(bundle, name, lora_cfg, shared_base=online.module if online.adapter else None)
+    for p in target.weights().values():
+        p.requires_grad_(False)
+    ema_update(target, online, 0.0)
+    return target
+
+
+@torch.no_grad()
+def ema_update(target: TrainableNet, online: TrainableNet, decay: float) -> None:
+    """target <- decay * target + (1 - decay) * online, weight by weight (decay 0 copies)."""
+    tw, ow = target.weights(), online.weights()
+    if tw.keys() != ow.keys():
+        raise RuntimeError(f"{target.name!r} and {online.name!r} do not have the same weights")
+    for key, p in tw.items():
+        src = ow[key].detach().to(p.dtype)
+        p.copy_(src) if decay == 0 else p.lerp_(src, 1.0 - decay)
 
 
 def teacher_view(bundle: ModelBundle, shared_base: nn.Module | None) -> Denoiser:
