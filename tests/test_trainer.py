@@ -62,6 +62,17 @@ def test_resume_matches_uninterrupted(tmp_path, uninterrupted):
     assert [r["step"] for r in rows] == [5, 10, 15, 20]
 
 
+def test_resume_forgets_metrics_logged_after_the_checkpoint(tmp_path):
+    run(tmp_path / "run", max_steps=10)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with open(metrics, "a") as f:  # a crash after logging step 15 but before its checkpoint
+        f.write(json.dumps({"step": 15, "loss": 123.0}) + "\n")
+    run(tmp_path / "run", resume=True)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    assert all(r.get("loss") != 123.0 for r in rows)
+
+
 @pytest.mark.parametrize("skip", ["_load_optimizers", "_load_ema", "_load_rng", "_load_weights", "step"])
 def test_resume_test_would_catch_missing_state(tmp_path, uninterrupted, monkeypatch, skip):
     """The resume check above is not vacuous: dropping any piece of state changes the result."""

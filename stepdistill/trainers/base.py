@@ -401,6 +401,19 @@ class Trainer:
         self._load_ema(ckpt, state)
         self._load_rng(ckpt)
         self.step = int(state["step"])
+        self._drop_metrics_after(self.step)
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """On resume, forget the metrics.jsonl rows logged after the checkpoint: those steps run again."""
+        path = self.run_dir / "metrics.jsonl" if self.run_dir is not None else None
+        if not self.acc.is_main_process or path is None or not path.exists():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
 
     def _load_weights(self, ckpt: Path, state: dict) -> None:
         from safetensors.torch import load_file
