@@ -146,6 +146,23 @@ def test_toy_smoke_run_exports_a_student(tmp_path, variant):
         assert (tmp_path / "run" / "regression_pairs.safetensors").exists()
 
 
+def test_regression_pairs_cache_is_reused_only_for_the_same_settings(tmp_path, monkeypatch):
+    from stepdistill.trainers.common import RegressionPairs
+
+    real, built = RegressionPairs.build, []
+
+    def counting(*args, **kwargs):
+        built.append(args[3:5])  # (num, steps)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(RegressionPairs, "build", counting)
+    for steps in (2, 2, 3):
+        cfg = toy_dmd(regression={"num_pairs": 8, "teacher_steps": steps}, loss_weights={"reg": 0.25})
+        cfg.train.steps = 1
+        Trainer(cfg, method_class("dmd"), tmp_path / "run", show_progress=False).fit()
+    assert built == [(8, 2), (8, 3)]  # made, reused, remade for other teacher steps
+
+
 @pytest.mark.parametrize("config,sdxl", [("configs/sd15/dmd2_lora.yaml", False),
                                          ("configs/sdxl/dmd2_4step_lora.yaml", True)], ids=["sd15", "sdxl"])
 def test_real_scale_config_runs_on_tiny_pipeline_bf16(tmp_path, config, sdxl):

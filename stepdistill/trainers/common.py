@@ -92,6 +92,7 @@ class RegressionPairs:
     y: torch.Tensor
     labels: torch.Tensor | None
     prompts: list[str] | None
+    key: dict | None = None  # what the pairs were made from (teacher, steps, guidance, seed, ...): a stale cache misses
 
     def __len__(self) -> int:
         return len(self.z)
@@ -128,7 +129,7 @@ class RegressionPairs:
         if self.labels is not None:
             tensors["labels"] = self.labels.contiguous()
         tmp = path.with_suffix(".tmp")
-        save_file(tensors, tmp, metadata={"prompts": json.dumps(self.prompts)})
+        save_file(tensors, tmp, metadata={"prompts": json.dumps(self.prompts), "key": json.dumps(self.key)})
         tmp.replace(path)
 
     @classmethod
@@ -136,9 +137,11 @@ class RegressionPairs:
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
-            prompts = json.loads((f.metadata() or {}).get("prompts", "null"))
+            meta = f.metadata() or {}
+            prompts = json.loads(meta.get("prompts", "null"))
+            key = json.loads(meta.get("key", "null"))
             t = {k: f.get_tensor(k) for k in f.keys()}
-        return cls(t["z"], t["y"], t.get("labels"), prompts)
+        return cls(t["z"], t["y"], t.get("labels"), prompts, key)
 
     def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
                                                                   list[str] | None]:

@@ -10,6 +10,8 @@ trained on noisy real vs generated samples. Methods built on DMD call these piec
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import torch
@@ -89,10 +91,18 @@ class DMDMethod(Method):
     def _regression_pairs(self) -> RegressionPairs:
         rc = self.cfg.method.regression
         path = self.ctx.run_dir / PAIRS_FILE if self.ctx.run_dir is not None else None
+        seed = self.cfg.train.seed + 7919
+        key = {"model": json.loads(self.cfg.model.model_dump_json()), "num_pairs": rc.num_pairs, "teacher_steps": rc.teacher_steps,
+               "guidance": self.cfg.method.real_guidance, "seed": seed, "shape": list(self.bundle.sample_shape)}
         if path is not None and path.exists():
-            return RegressionPairs.load(path)
+            cached = RegressionPairs.load(path)
+            if cached.key == key:
+                return cached
+            if self.ctx.is_main:
+                print(f"stepdistill: {path} was made with other settings ({cached.key}); remaking it", file=sys.stderr)
         pairs = RegressionPairs.build(self.bundle, self.teacher, self.data, rc.num_pairs, rc.teacher_steps,
-                                      self.cfg.method.real_guidance, seed=self.cfg.train.seed + 7919)
+                                      self.cfg.method.real_guidance, seed=seed)
+        pairs.key = key
         if path is not None and self.ctx.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             pairs.save(path)
