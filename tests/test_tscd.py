@@ -14,7 +14,7 @@ from stepdistill.errors import UsageError
 from stepdistill.generators import tcd_sample
 from stepdistill.pipelines import sample
 from stepdistill.schedules import (CLEAN, NoiseSchedule, ddim_grid, lower_edge, segment_edges, solver_target_timestep,
-                                   tcd_timesteps, trailing_timesteps, tscd_timesteps)
+                                   tcd_timesteps, tscd_timesteps)
 from stepdistill.trainers import Trainer, method_class
 from stepdistill.trainers.base import latest_checkpoint
 from stepdistill.trainers.common import ema_update, make_target, make_trainable
