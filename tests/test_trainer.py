@@ -60,6 +60,8 @@ def test_resume_matches_uninterrupted(tmp_path, uninterrupted):
     assert same(final_state(resumed), uninterrupted)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    walls = [r["wall_s"] for r in rows]  # training time counts on across the resume
+    assert walls == sorted(walls) and rows[-1]["cpu_s"] > 0
 
 
 def test_resume_forgets_metrics_logged_after_the_checkpoint(tmp_path):

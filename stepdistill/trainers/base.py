@@ -125,6 +125,8 @@ class Trainer:
         self.cfg, self.method_cls, self.run_dir = cfg, method_cls, run_dir
         self.max_steps, self.resume, self.show_progress = max_steps, resume, show_progress
         self.step = 0
+        self._spent = {"wall_s": 0.0, "cpu_s": 0.0}  # training time of earlier sessions of this run (resume)
+        self._clock = (time.time(), time.process_time())
 
     # -- setup ------------------------------------------------------------------------------------
     def _setup_accelerator(self):
@@ -223,6 +225,7 @@ class Trainer:
                    disable=not (self.show_progress and self.acc.is_main_process))
         window: dict[str, list[float]] = {}
         t0, s0 = time.time(), self.step
+        self._clock = (t0, time.process_time())
         while self.step < stop:
             for phase in phases:
                 if not phase.runs_at(self.step):
@@ -242,7 +245,7 @@ class Trainer:
                 row = {k: sum(v) / len(v) for k, v in window.items()}
                 bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in row.items() if "/log/" not in k},
                                 refresh=False)
-                self._log({"step": self.step, **row, "lr": self._lr(), "it_per_s": rate})
+                self._log({"step": self.step, **row, "lr": self._lr(), "it_per_s": rate, **self.elapsed()})
                 window = {}
             if self.step % self.cfg.train.checkpoint_every == 0 or self.step == stop:
                 self.save_checkpoint()
@@ -377,7 +380,7 @@ class Trainer:
                 ema_t.update({f"{net}/{i}": p.detach().cpu().contiguous() for i, p in enumerate(sd["shadow_params"])})
                 ema_j[net] = {k: v for k, v in sd.items() if k != "shadow_params"}
             save_file(ema_t or {"_empty": torch.zeros(1)}, tmp / "ema.safetensors")
-            state = {"step": self.step, "method": self.method.name, "optimizers": opt_j, "ema": ema_j,
+            state = {"step": self.step, "elapsed": self.elapsed(), "method": self.method.name, "optimizers": opt_j, "ema": ema_j,
                      "extra": extra_j, "num_processes": self.acc.num_processes,
                      "replica_checksums": checksums.tolist()}
             (tmp / "state.json").write_text(json.dumps(state))
@@ -401,7 +404,15 @@ class Trainer:
         self._load_ema(ckpt, state)
         self._load_rng(ckpt)
         self.step = int(state["step"])
+        self._spent = {k: float(state.get("elapsed", {}).get(k, 0.0)) for k in self._spent}
         self._drop_metrics_after(self.step)
+
+    def elapsed(self) -> dict[str, float]:
+        """Training time of this run so far, across resumes: wall-clock and CPU seconds (all threads of this
+        process; CPU time tells compute apart from waiting on a busy machine)."""
+        wall, cpu = self._clock
+        return {"wall_s": round(self._spent["wall_s"] + time.time() - wall, 3),
+                "cpu_s": round(self._spent["cpu_s"] + time.process_time() - cpu, 3)}
 
     def _drop_metrics_after(self, step: int) -> None:
         """On resume, forget the metrics.jsonl rows logged after the checkpoint: those steps run again."""
