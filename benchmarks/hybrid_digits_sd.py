@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from _tables import markdown_table
+
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["name", "nfe", "fid", "diversity", "condition_accuracy", "clip_score", "ms_per_image", "settle_step"]
 
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
     result["minutes"] = round((time.time() - t0) / 60, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "hybrid_digits_sd.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(table(rows))
+    print("\n".join(markdown_table(rows, COLUMNS)))
     if "control" in result:
         c = result["control"]
         print("\ncontrol transfer (mean ink per image, control LoRA off -> on):")
@@ -159,14 +161,6 @@ def targets(rows: list[dict], control: dict | None) -> dict:
     if control:
         out["control transfer >= 70%"] = control["transfer_student"] >= 0.7
     return out
-
-
-def table(rows: list[dict]) -> str:
-    def fmt(v):
-        return "—" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

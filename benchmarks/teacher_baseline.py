@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from _tables import markdown_table
+
 STEPS = "1,2,4,8,16,50"
 BENCHMARKS = ("toy2d", "digits", "digits-sd")
 COLUMNS = ["benchmark", "steps", "nfe", "fid", "precision", "recall", "condition_accuracy", "clip_score",
@@ -61,18 +63,10 @@ def main(argv=None) -> int:
             rows += [{"benchmark": name, **r} for r in report["rows"]]
     out = {"settings": settings, "rows": rows}
     (args.out / "teacher_baseline.json").write_text(json.dumps(out, indent=2) + "\n")
-    table = markdown_table(rows)
+    table = "\n".join(markdown_table(rows, COLUMNS)) + "\n"
     (args.out / "teacher_baseline.md").write_text(table)
     print(table)
     return 0
-
-
-def markdown_table(rows: list[dict]) -> str:
-    from stepdistill.eval.report import fmt
-
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

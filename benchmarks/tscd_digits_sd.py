@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from _tables import check, markdown_table, ratio, targets_table
+
 COLUMNS = ["row", "scheduler", "steps", "nfe", "fid", "fid_vs_ddim50", "fid_vs_ddim_same", "condition_accuracy",
            "clip_score", "precision", "recall", "ms_per_image"]
 PARTS = {"teacher": None, "tcd": "sampling.json", "ddim_trailing": "sampling_ddim_trailing.json"}
@@ -89,8 +91,8 @@ def table_rows(reports: dict) -> list[dict]:
         for r in report["rows"]:
             same = (teacher.get(r["steps"]) or {}).get("fid")
             rows.append({"row": "teacher DDIM" if part == "teacher" else f"student {part}", **r,
-                         "fid_vs_ddim50": _ratio(r.get("fid"), ref50),
-                         "fid_vs_ddim_same": None if part == "teacher" else _ratio(r.get("fid"), same)})
+                         "fid_vs_ddim50": ratio(r.get("fid"), ref50),
+                         "fid_vs_ddim_same": None if part == "teacher" else ratio(r.get("fid"), same)})
     return rows
 
 
@@ -105,30 +107,15 @@ def targets(rows: list[dict], steps: list[int]) -> list[dict]:
             continue
         limit = {1: 2.5, 4: 1.2, 8: 1.2}.get(s)
         if limit is not None:
-            checks.append(_check(f"TCD-{s} FID <= {limit}x teacher DDIM-50", r["fid_vs_ddim50"], "<=", limit))
-        checks.append(_check(f"TCD-{s} FID <= 0.5x teacher DDIM-{s}", r["fid_vs_ddim_same"], "<=", 0.5))
+            checks.append(check(f"TCD-{s} FID <= {limit}x teacher DDIM-50", r["fid_vs_ddim50"], "<=", limit))
+        checks.append(check(f"TCD-{s} FID <= 0.5x teacher DDIM-{s}", r["fid_vs_ddim_same"], "<=", 0.5))
         if s >= 2:
-            checks.append(_check(f"TCD-{s} prompt accuracy >= 0.9", r.get("condition_accuracy"), ">=", 0.9))
+            checks.append(check(f"TCD-{s} prompt accuracy >= 0.9", r.get("condition_accuracy"), ">=", 0.9))
     return checks
 
 
-def _check(name, value, op, limit) -> dict:
-    ok = None if value is None else (value <= limit if op == "<=" else value >= limit)
-    return {"target": name, "value": value, "met": ok}
-
-
-def _ratio(a, b):
-    return None if a is None or not b else a / b
-
-
 def markdown(out: dict) -> str:
-    from stepdistill.eval.report import fmt
-
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |" for r in out["rows"]]
-    lines += ["", "| target | value | met |", "|---|---|---|"]
-    lines += [f"| {c['target']} | {fmt(c['value'])} | {'yes' if c['met'] else ('no' if c['met'] is False else '—')} |"
-              for c in out["targets"]]
+    lines = markdown_table(out["rows"], COLUMNS) + [""] + targets_table(out["targets"])
     if out.get("stages"):
         lines += ["", "| stage | segments | steps | minutes |", "|---|---|---|---|"]
         lines += [f"| {s['stage']} | {s['segments']} | {s['steps']} | {s['seconds'] / 60:.1f} |" for s in out["stages"]]
