@@ -14,7 +14,7 @@ ink per image is measured on the teacher, the student and the hybrid; transfer =
 teacher.
 
     stepdistill train configs/digits_sd/dmd_lora.yaml "method.timesteps=[999,749,499,249]" train.steps=1500 \\
-        --out runs/digits_sd-dmd_lora_4step                                  # the 4-step DMD2 LoRA student
+        "method.loss_weights={dm: 1.0, fake: 1.0, reg: 0.25}" --out runs/digits_sd-dmd_lora_4step  # 4-step student
     stepdistill pretrain configs/digits_sd/control_bold_lora.yaml --out runs/digits_sd-control_bold_lora
     python benchmarks/hybrid_digits_sd.py --run runs/digits_sd-dmd_lora_4step \\
         --control runs/digits_sd-control_bold_lora --base-steps 1,2 --base-scheduler ode,recipe --mode replace,add \\
