@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     from stepdistill.cli import main as cli
 
     quiet = ["--quiet"] if args.quiet else []
-    for name in args.benchmarks.split(","):
+    for name in filter(None, args.benchmarks.split(",")):  # --benchmarks "": only regather the reports under OUT
         config, default_run, model = BENCHMARKS[name]
         for run in runs.setdefault(name, [Path(default_run)]):
             if not (run / "student" / "sampling.json").exists():
@@ -72,7 +72,8 @@ def main(argv=None) -> int:
         f = args.out / name / "report.json"
         if f.exists():
             report = json.loads(f.read_text())
-            settings[name] = report["settings"]
+            run_file = args.out / name / "run.json"
+            settings[name] = {**report["settings"], **(json.loads(run_file.read_text()) if run_file.exists() else {})}
             rows += benchmark_rows(name, report["rows"])
     out = {"command": command, "settings": settings, "rows": rows, "targets": targets(rows)}
     (args.out / "dmd.json").write_text(json.dumps(out, indent=2) + "\n")
@@ -87,8 +88,10 @@ def training_time(run: str | None) -> tuple[float | None, float | None]:
     f = Path(run) / "metrics.jsonl" if run else None
     if f is None or not f.exists():
         return None, None
-    last = json.loads(f.read_text().splitlines()[-1])
-    wall, cpu = last.get("wall_s"), last.get("cpu_s")
+    rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    if not rows or "wall_s" not in rows[0]:  # logged (in part) before runs kept their clock: unknown
+        return None, None
+    wall, cpu = rows[-1].get("wall_s"), rows[-1].get("cpu_s")
     return (None if wall is None else wall / 60), (None if cpu is None else cpu / 60)
 
 
@@ -130,8 +133,10 @@ def targets(rows: list[dict]) -> list[dict]:
 
 
 def markdown(out: dict) -> str:
-    lines = markdown_table(out["rows"], COLUMNS) + [""] + targets_table(out["targets"])
-    return "\n".join(lines + ["", f"command: `{out['command']}`"]) + "\n"
+    lines = markdown_table(out["rows"], COLUMNS) + [""] + targets_table(out["targets"]) + [""]
+    lines += [f"{name}: `{s['command']}` ({s.get('eval_minutes')} min)" for name, s in out["settings"].items()
+              if "command" in s]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ class Context:
     num_processes: int = 1
     process_index: int = 0
     autocast_dtype: torch.dtype | None = None
+    show_progress: bool = True  # progress bars of a method's own long steps (e.g. caching teacher outputs)
     stats: dict[str, Any] = field(default_factory=dict)
 
     def randn(self, *shape, dtype=torch.float32) -> torch.Tensor:
@@ -161,7 +162,8 @@ class Trainer:
         torch.manual_seed(self.cfg.train.seed)  # module init (identical on every process)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         return Context(device=self.acc.device, generator=gen, run_dir=self.run_dir, is_main=self.acc.is_main_process,
-                       num_processes=self.acc.num_processes, process_index=self.acc.process_index, autocast_dtype=dtype)
+                       num_processes=self.acc.num_processes, process_index=self.acc.process_index, autocast_dtype=dtype,
+                       show_progress=self.show_progress and self.acc.is_main_process)
 
     def _setup_networks(self):
         from ..attention import configure_network

@@ -99,7 +99,7 @@ class RegressionPairs:
 
     @classmethod
     def build(cls, bundle: ModelBundle, teacher: Denoiser, data, num: int, steps: int, guidance: float,
-              seed: int, batch: int = 250) -> "RegressionPairs":
+              seed: int, batch: int = 250, progress: bool = True) -> "RegressionPairs":
         from tqdm.auto import tqdm
 
         from ..pipelines import make_scheduler, sample, seeded_generators
@@ -108,7 +108,7 @@ class RegressionPairs:
         conds = data.conditions(num, g)
         device = next(iter(teacher.net.parameters()), torch.zeros(0)).device
         zs, ys = [], []
-        for i in tqdm(range(0, num, batch), desc="regression pairs (teacher DDIM)", leave=False):
+        for i in tqdm(range(0, num, batch), desc="regression pairs (teacher DDIM)", leave=False, disable=not progress):
             n = min(batch, num - i)
             gens = seeded_generators(seed, n, start=i)
             z = torch.stack([torch.randn(bundle.sample_shape, generator=gg) for gg in gens]).to(device)

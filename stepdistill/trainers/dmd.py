@@ -101,7 +101,7 @@ class DMDMethod(Method):
             if self.ctx.is_main:
                 print(f"stepdistill: {path} was made with other settings ({cached.key}); remaking it", file=sys.stderr)
         pairs = RegressionPairs.build(self.bundle, self.teacher, self.data, rc.num_pairs, rc.teacher_steps,
-                                      self.cfg.method.real_guidance, seed=seed)
+                                      self.cfg.method.real_guidance, seed=seed, progress=self.ctx.show_progress)
         pairs.key = key
         if path is not None and self.ctx.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
