@@ -24,6 +24,6 @@ def markdown_table(rows: list[dict], columns: list[str]) -> list[str]:
 def targets_table(checks: list[dict]) -> list[str]:
     from stepdistill.eval.report import fmt
 
+    met = {True: "yes", False: "no", None: "—"}
     lines = ["| target | value | met |", "|---|---|---|"]
-    return lines + [f"| {c['target']} | {fmt(c['value'])} | {'yes' if c['met'] else ('no' if c['met'] is False else '—')} |"
-                    for c in checks]
+    return lines + [f"| {c['target']} | {fmt(c['value'])} | {met[c['met']]} |" for c in checks]

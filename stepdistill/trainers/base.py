@@ -382,8 +382,8 @@ class Trainer:
                 ema_t.update({f"{net}/{i}": p.detach().cpu().contiguous() for i, p in enumerate(sd["shadow_params"])})
                 ema_j[net] = {k: v for k, v in sd.items() if k != "shadow_params"}
             save_file(ema_t or {"_empty": torch.zeros(1)}, tmp / "ema.safetensors")
-            state = {"step": self.step, "elapsed": self.elapsed(), "method": self.method.name, "optimizers": opt_j, "ema": ema_j,
-                     "extra": extra_j, "num_processes": self.acc.num_processes,
+            state = {"step": self.step, "elapsed": self.elapsed(), "method": self.method.name, "optimizers": opt_j,
+                     "ema": ema_j, "extra": extra_j, "num_processes": self.acc.num_processes,
                      "replica_checksums": checksums.tolist()}
             (tmp / "state.json").write_text(json.dumps(state))
             shutil.rmtree(final, ignore_errors=True)

@@ -92,8 +92,9 @@ class DMDMethod(Method):
         rc = self.cfg.method.regression
         path = self.ctx.run_dir / PAIRS_FILE if self.ctx.run_dir is not None else None
         seed = self.cfg.train.seed + 7919
-        key = {"model": json.loads(self.cfg.model.model_dump_json()), "num_pairs": rc.num_pairs, "teacher_steps": rc.teacher_steps,
-               "guidance": self.cfg.method.real_guidance, "seed": seed, "shape": list(self.bundle.sample_shape)}
+        key = {"model": json.loads(self.cfg.model.model_dump_json()), "num_pairs": rc.num_pairs,
+               "teacher_steps": rc.teacher_steps, "guidance": self.cfg.method.real_guidance, "seed": seed,
+               "shape": list(self.bundle.sample_shape)}
         if path is not None and path.exists():
             cached = RegressionPairs.load(path)
             if cached.key == key:
