@@ -47,12 +47,16 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     command = "python benchmarks/dmd.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    names = [n for n in args.benchmarks.split(",") if n]  # --benchmarks "": only regather the reports under OUT
+    bad = [n for n in names + [item.split("=", 1)[0] for item in args.runs] if n not in BENCHMARKS]
+    if bad or any("=" not in item for item in args.runs):
+        p.error(f"benchmarks are {', '.join(BENCHMARKS)}; --runs takes BENCHMARK=RUN[,RUN...] (got {bad or args.runs})")
     runs = {k: [Path(r) for r in v.split(",")] for k, v in (item.split("=", 1) for item in args.runs)}
 
     from stepdistill.cli import main as cli
 
     quiet = ["--quiet"] if args.quiet else []
-    for name in filter(None, args.benchmarks.split(",")):  # --benchmarks "": only regather the reports under OUT
+    for name in names:
         config, default_run, model = BENCHMARKS[name]
         for run in runs.setdefault(name, [Path(default_run)]):
             if not (run / "student" / "sampling.json").exists():
