@@ -97,24 +97,9 @@ def active_adapter(net: nn.Module, name: str | None, all_off: bool = False) -> I
             yield
             return
         raise RuntimeError(f"adapter {name!r} requested but the network has no LoRA layers")
-    saved = [(l, list(l.active_adapters), l.disable_adapters) for l in layers]
-    grads = [(p, p.requires_grad) for l in layers for p in l.parameters()]
-    try:
-        for layer in layers:
-            if all_off:
-                layer.enable_adapters(False)
-            else:
-                layer.set_adapter(name)
-                layer.enable_adapters(True)
-        for p, flag in grads:
-            p.requires_grad_(flag)
+    wanted = [(l, list(l.active_adapters) if all_off else [name], all_off) for l in layers]
+    with _selection(wanted):
         yield
-    finally:
-        for layer, names, disabled in saved:
-            layer.set_adapter(names)
-            layer.enable_adapters(not disabled)
-        for p, flag in grads:
-            p.requires_grad_(flag)
 
 
 def checkpoint_keeping_adapters(module: nn.Module, *args):
