@@ -1,9 +1,9 @@
-"""DMD / DMD2 one-step students beside their teachers on the embedded benchmarks (issue 5's table).
+"""DMD / DMD2 one-step students beside their teachers on the embedded benchmarks (the one-step table).
 
 For each benchmark, one ``stepdistill eval`` report holds the teacher at 50 DDIM steps and the student(s) of the
 given run(s), sampled in the same process, so the speed ratio (images per second) is a same-run figure. A run
 without a student is trained first from the benchmark's config. OUT/dmd.json gathers the rows, each run's
-training wall / CPU minutes (from its metrics.jsonl) and the issue's targets; the table is printed.
+training wall / CPU minutes (from its metrics.jsonl) and the targets; the table is printed.
 
     python benchmarks/dmd.py --out benchmarks/results/dmd
     python benchmarks/dmd.py --benchmarks digits-sd --runs digits-sd=runs/a,runs/b --num-samples 1000
@@ -27,7 +27,7 @@ BENCHMARKS = {  # name -> (config, default run, eval --model)
 COLUMNS = ["benchmark", "name", "model", "steps", "nfe", "fid", "fid_vs_teacher", "precision", "recall",
            "condition_accuracy", "diversity", "sw2", "sw2_vs_teacher", "modes_covered", "ms_per_image",
            "speedup", "train_minutes", "train_cpu_minutes"]
-# issue 5's targets: benchmark -> (FID ratio limit, accuracy floor, sW2 ratio limit, training minutes limit,
+# one-step targets: benchmark -> (FID ratio limit, accuracy floor, sW2 ratio limit, training minutes limit,
 # images/s ratio floor). toy2d's teacher is a closed formula, not a network: no speed target there.
 TARGETS = {"toy2d": (None, None, 2.0, 2.0, None), "digits": (1.25, 0.95, None, 20.0, 30.0),
            "digits-sd": (1.5, 0.9, None, None, 30.0)}

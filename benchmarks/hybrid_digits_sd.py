@@ -20,7 +20,7 @@ teacher.
         --control runs/digits_sd-control_bold_lora --base-steps 1,2 --base-scheduler ode,recipe --mode replace,add \\
         --out benchmarks/results/hybrid_digits_sd
 
-Targets (issue 7): hybrid diversity >= 0.95x the teacher's and above the student's, hybrid FID <= the student's,
+Targets: hybrid diversity >= 0.95x the teacher's and above the student's, hybrid FID <= the student's,
 hybrid accuracy within 2 points of the student's; control effect on the student >= 70% of that on the teacher.
 """
 
@@ -66,14 +66,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from stepdistill.eval import load_hybrid, load_student, load_teacher
     from stepdistill.eval.benchmark import digits_benchmark
     from stepdistill.eval.evaluate import Entry, evaluate_entry
     from stepdistill.eval.report import write_report
-    from stepdistill.eval.samplers import SamplerSpec
+    from stepdistill.pipelines.loading import hybrid_recipe, load_run, load_teacher
+    from stepdistill.pipelines.plan import SamplingRecipe as SamplerSpec
 
     t0, progress = time.time(), not args.quiet
-    student = load_student(args.run)
+    student = load_run(args.run)
     if student.benchmark != "digits-sd":
         p.error(f"{args.run} is not a digits-sd run ({student.benchmark})")
     teacher = load_teacher(_teacher_source(args.run))
@@ -85,10 +85,10 @@ def main(argv=None) -> int:
     hybrids = []
     grid = [(m, s, int(b), w) for m in args.mode.split(",") for s in args.base_scheduler.split(",")
             for b in args.base_steps.split(",") for w in _floats(args.base_guidance)]
-    for mode, sched, b, w in grid:
-        hy = load_hybrid(args.run, base_steps=b, mode=mode, base_guidance=w if w > 1 else None, base_scheduler=sched)
-        hybrids.append(hy)
-        entries.append(Entry(hy.sampler.label(hy.spec), "hybrid", hy.sampler, hy.spec, hy.source))
+    for mode, sched, b, w in grid:  # the student's own networks, the teacher (its LoRA off) in front
+        spec = hybrid_recipe(student.sampler, student.spec, b, mode, w if w > 1 else None, sched)
+        hybrids.append(spec)
+        entries.append(Entry(spec.label(), "hybrid", student.sampler, spec, student.source))
     rows = [evaluate_entry(bench, e, args.out, args.num_samples, args.seed, args.batch_size, progress=progress,
                            x0_samples=args.x0_samples) for e in entries]
     info = {**bench.settings(), "num_samples": args.num_samples, "seed": args.seed, "batch_size": args.batch_size,
@@ -128,7 +128,7 @@ def _teacher_source(run: Path) -> str:
 def control_transfer(args, teacher, tspec, student, hybrid, bench) -> dict:
     """Mean ink with the control LoRA off / on for the teacher, the student (stacked on its LoRA), the hybrid."""
     from stepdistill.eval.control import control_effect, load_control, transfer
-    from stepdistill.eval.samplers import seeds_for
+    from stepdistill.pipelines.samplers import seeds_for
 
     lora = args.control / "export" if (args.control / "export").is_dir() else args.control
     conds = bench.conditions(args.control_samples)
@@ -136,10 +136,10 @@ def control_transfer(args, teacher, tspec, student, hybrid, bench) -> dict:
     out = {"lora": str(lora), "weight": args.control_weight, "samples": args.control_samples, "statistic": "mean_ink"}
     models = [("teacher", teacher.sampler, tspec), ("student", student.sampler, student.spec)]
     if hybrid is not None:
-        models.append(("hybrid", hybrid.sampler, hybrid.spec))
+        models.append(("hybrid", student.sampler, hybrid))
     effects = {}
     for name, sampler, spec in models:
-        load_control(sampler, lora)
+        load_control(sampler, lora)  # once per pipeline: the hybrid runs on the student's
         effects[name] = control_effect(name, sampler, spec, conds, seeds, args.control_weight, args.batch_size)
         out[name] = effects[name].as_dict()
     out["transfer_student"] = transfer(effects["teacher"], effects["student"])
@@ -149,7 +149,7 @@ def control_transfer(args, teacher, tspec, student, hybrid, bench) -> dict:
 
 
 def targets(rows: list[dict], control: dict | None) -> dict:
-    """Issue 7's targets for the first hybrid row (rows: teacher, student, hybrids)."""
+    """The hybrid targets for the first hybrid row (rows: teacher, student, hybrids)."""
     teacher, student = rows[0], rows[1]
     hybrid = next((r for r in rows if r["method"] == "hybrid"), None)
     out: dict = {"hybrid": hybrid["name"]} if hybrid else {}

@@ -3,7 +3,7 @@
 teacher's own DDIM at the same step counts and at 50 (FID in the shipped digit classifier's features, prompt
 accuracy, CLIP score ...). Trains the run first when it has no student yet. Each part is one `stepdistill eval`
 report under OUT/<part>/; OUT/tscd_digits_sd.json gathers the rows, the per-stage training times
-(RUN/stages.json) and the issue's targets, and the table is printed.
+(RUN/stages.json) and the targets, and the table is printed.
 
     python benchmarks/tscd_digits_sd.py --run runs/digits_sd-tscd_lora --out benchmarks/results/tscd_digits_sd
     python benchmarks/tscd_digits_sd.py --model runs/my-sd --train-overrides train.num_threads=1   (other teacher)
@@ -97,7 +97,7 @@ def table_rows(reports: dict) -> list[dict]:
 
 
 def targets(rows: list[dict], steps: list[int]) -> list[dict]:
-    """Issue 6's targets for the TCD rows: FID <= 1.2x DDIM-50 at 4 and 8 steps, <= 2.5x at 1 step, at least 2x
+    """The targets for the TCD rows: FID <= 1.2x DDIM-50 at 4 and 8 steps, <= 2.5x at 1 step, at least 2x
     lower than the teacher's DDIM at the same step count, prompt accuracy >= 0.9 from 2 steps up."""
     tcd = {r["steps"]: r for r in rows if r["row"] == "student tcd"}
     checks = []

@@ -66,7 +66,8 @@ def cmd_run(args, kind: str) -> int:
     from .config import dump_config, load_config
 
     cfg = load_config(args.config, args.overrides)
-    from .trainers import Trainer, method_class
+    from .registry import method_class
+    from .training import Trainer
 
     method = method_class(cfg.method.name)
     wanted = "pretrain" if kind == "pretrain" else "distill"

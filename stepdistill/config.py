@@ -1,9 +1,10 @@
 """Typed run configuration: pydantic schema, YAML loading, ``key=value`` dotted overrides, and errors that
 name the offending key (with the closest valid one) or field and expected type.
 
-A config file has four sections: ``method`` (which trainer, and its own options; the ``name`` field
-selects the schema), ``model`` (teacher / network), ``data`` and ``train`` (the loop: steps, batch,
-optimiser, precision, checkpoints). Every run directory gets ``config.yaml``, the resolved config.
+A config file has four sections: ``method`` (which trainer, and its own options; ``name`` picks the method
+in :mod:`stepdistill.registry`, whose ``config`` class, kept beside the trainer, is the section's schema),
+``model`` (teacher / network), ``data`` and ``train`` (the loop: steps, batch, optimiser, precision,
+checkpoints). Every run directory gets ``config.yaml``, the resolved config.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator,
+                      model_validator)
 
 from .errors import UsageError
 
@@ -136,64 +138,19 @@ class PromptsData(Strict):
 DataConfig = Annotated[Union[Toy2DData, DigitsData, DigitsSDData, PromptsData], Field(discriminator="name")]
 
 
-# ---- methods -------------------------------------------------------------------------------------
-class DenoisingConfig(Strict):
-    """Plain diffusion training (pretrains teachers; trains control LoRAs)."""
+# ---- methods: the shared base and the pieces several methods use ------------------------------------------
+class MethodConfig(Strict):
+    """Base of every method's config section (the class is ``Method.config``, beside its trainer). ``name``
+    picks the method; ``loss_weights`` holds one weight per loss key, and a key the user leaves out keeps the
+    class's default, so the resolved config shows every weight."""
 
-    name: Literal["denoising"] = "denoising"
-    cond_dropout: float = Field(0.1, ge=0, le=1, description="share of null conditions, for CFG")
-    lora: LoRAConfig | None = Field(None, description="train a LoRA on the pretrained model instead")
-    loss_weights: dict[str, float] = Field(default_factory=lambda: {"denoise": 1.0})
+    name: str
+    loss_weights: dict[str, float] = Field(default_factory=dict)
 
-
-class VAEConfig(Strict):
-    """AutoencoderKL pretraining (Rombach et al. 2022, LDM sec. 3): L1 reconstruction + a small KL to N(0, I);
-    ``model.arch`` holds the AutoencoderKL kwargs."""
-
-    name: Literal["vae"] = "vae"
-    loss_weights: dict[str, float] = Field(default_factory=lambda: {"recon": 1.0, "kl": 1e-4})
-
-
-class ClipTextConfig(Strict):
-    """CLIP-style contrastive pretraining (Radford et al. 2021) of a small text encoder on (image, prompt)
-    pairs; ``model.arch`` = {text: CLIPTextConfig kwargs, vision: CLIPVisionConfig kwargs, projection_dim}."""
-
-    name: Literal["clip_text"] = "clip_text"
-    num_merges: int = Field(8192, ge=1, description="first M merges of CLIP's BPE (vocabulary 512 + M + 2)")
-    max_length: int = Field(16, ge=4, description="tokenizer model_max_length = text max_position_embeddings")
-    loss_weights: dict[str, float] = Field(default_factory=lambda: {"contrastive": 1.0})
-
-
-class AugmentConfig(Strict):
-    """Mild random affine jitter and pixel noise (classifier.augment)."""
-
-    max_shift: float = Field(1.5, ge=0, description="pixels")
-    max_rotate: float = Field(10.0, ge=0, description="degrees")
-    max_scale: float = Field(0.1, ge=0, lt=1, description="relative")
-    noise_std: float = Field(0.1, ge=0)
-
-
-class ClassifierConfig(Strict):
-    """The digit classifier (stepdistill/classifier.py): cross-entropy on augmented train digits; ``model.arch``
-    holds DigitClassifier kwargs."""
-
-    name: Literal["classifier"] = "classifier"
-    augment: AugmentConfig = AugmentConfig()
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    loss_weights: dict[str, float] = Field(default_factory=lambda: {"ce": 1.0})
-
-
-class OpenClipConfig(Strict):
-    """A small open_clip CLIP (Radford et al. 2021) on digit images and prompts: the ``digits-clip`` asset that
-    gives CLIP scores offline. ``model.arch`` is the open_clip model config (embed_dim, vision_cfg, text_cfg),
-    registered with ``open_clip.add_model_config`` as ``model_name``."""
-
-    name: Literal["open_clip"] = "open_clip"
-    model_name: str = Field("digits-clip", description="name the model config is registered under in open_clip")
-    num_merges: int = Field(8192, ge=1, description="first M merges of CLIP's BPE (HF tokenizer, vocabulary "
-                                                    "512 + M + 2); open_clip's text tower is sized to it")
-    augment: AugmentConfig | None = Field(AugmentConfig(), description="image jitter (classifier.augment); null: none")
-    loss_weights: dict[str, float] = Field(default_factory=lambda: {"contrastive": 1.0})
+    @field_validator("loss_weights")
+    @classmethod
+    def _over_defaults(cls, weights: dict[str, float]) -> dict[str, float]:
+        return {**cls.model_fields["loss_weights"].get_default(call_default_factory=True), **weights}
 
 
 class StudentNetConfig(Strict):
@@ -217,91 +174,27 @@ class RegressionConfig(Strict):
     batch_size: int | None = Field(None, ge=1, description="pairs per student step (null: train.batch_size)")
 
 
-class DMDConfig(Strict):
-    """Distribution Matching Distillation (DMD, Yin et al. 2023; DMD2, Yin et al. 2024)."""
+def method_schema(name: str) -> type[MethodConfig]:
+    """The config class of method ``name`` (registry lookup; UsageError naming the closest method)."""
+    from .registry import config_class
 
-    name: Literal["dmd"] = "dmd"
-    timesteps: list[int] = Field([999], min_length=1, description="student timesteps, decreasing; one entry "
-                                                                  "= a one-step generator at that timestep")
-    real_guidance: float = Field(1.0, description="CFG scale of the teacher's real score (<= 1: none)")
-    student_every: int = Field(5, ge=1, description="two time-scale rule: a student step every N-th step "
-                                                    "(the fake score updates every step)")
-    fake_repeats: int = Field(1, ge=1, description="fake-score updates per step")
-    min_t: float = Field(0.02, ge=0, lt=1, description="DM loss timesteps ~ U[min_t T, max_t T]")
-    max_t: float = Field(0.98, gt=0, le=1)
-    student: StudentNetConfig = StudentNetConfig()
-    fake_score: StudentNetConfig = StudentNetConfig()
-    shared_base: bool = Field(True, description="when student and fake score are both LoRAs: one frozen base "
-                                                "carries both adapters and serves as the teacher (adapters off)")
-    gan: GANConfig | None = Field(None, description="DMD2's GAN term (needs real data)")
-    regression: RegressionConfig | None = Field(None, description="DMD1's regression term")
-    loss_weights: dict[str, float] = Field(default_factory=lambda: {
-        "dm": 1.0, "fake": 1.0, "reg": 0.25, "gan_g": 3e-3, "gan_d": 1e-2})
-
-    @model_validator(mode="after")
-    def _check(self):
-        if any(a <= b for a, b in zip(self.timesteps, self.timesteps[1:])):
-            raise ValueError(f"timesteps must be strictly decreasing, got {self.timesteps}")
-        if self.min_t >= self.max_t:
-            raise ValueError("min_t must be below max_t")
-        return self
-
-
-class TSCDStage(Strict):
-    """One stage of progressive TSCD: the trajectory split into ``segments`` equal segments for ``steps`` steps."""
-
-    segments: int = Field(..., ge=1, le=1000)
-    steps: int = Field(..., ge=1, description="optimisation steps of this stage")
-    adv_weight: float = Field(0.0, ge=0, description="weight of the adversarial term in this stage (needs "
-                                                     "method.gan, whose head trains in every stage); Hyper-SD "
-                                                     "raises it as segments shrink")
-
-
-class TSCDConfig(Strict):
-    """Trajectory-segmented consistency distillation (Hyper-SD, Ren et al. 2024, Sec. 3.1): consistency
-    distillation inside k equal segments, k = 8 -> 4 -> 2 -> 1 in one run; one student for 1..8 steps."""
-
-    name: Literal["tscd"] = "tscd"
-    teacher_steps: int = Field(50, ge=2, description="N of the teacher's DDIM solver grid (skip interval T // N)")
-    stages: list[TSCDStage] = Field(
-        default_factory=lambda: [TSCDStage(segments=k, steps=250) for k in (8, 4, 2, 1)], min_length=1,
-        description="in order; their steps must add up to train.steps")
-    guidance_min: float = Field(1.0, ge=1.0, description="teacher CFG scale w ~ U[guidance_min, guidance_max] "
-                                                         "per sample, baked into the student")
-    guidance_max: float = Field(1.0, ge=1.0)
-    loss: Literal["huber", "l2"] = "huber"
-    huber_c: float = Field(1e-3, gt=0, description="pseudo-Huber c (LCM uses 0.001)")
-    target_decay: float = Field(0.95, ge=0, lt=1, description="EMA decay of the target network (0: the student "
-                                                              "itself, without gradient)")
-    x0_source: Literal["auto", "data", "student"] = Field(
-        "auto", description="clean samples noised to x_t: real data, or (data-free) the target network's "
-                            "k-step samples; auto: data when the data source has real samples")
-    student: StudentNetConfig = StudentNetConfig()
-    gan: GANConfig | None = Field(None, description="adversarial term: a head on the frozen teacher's mid-block "
-                                                    "features, real data noised to the segment edge")
-    sampler_steps: int = Field(4, ge=1, description="num_inference_steps of the exported recipes")
-    eta: float = Field(0.3, ge=0, le=1, description="TCDScheduler eta (gamma) of the exported recipe")
-    loss_weights: dict[str, float] = Field(default_factory=lambda: {"tscd": 1.0, "gan_g": 1.0, "gan_d": 1.0})
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.guidance_min > self.guidance_max:
-            raise ValueError("guidance_min must not exceed guidance_max")
-        if self.gan is None and any(s.adv_weight > 0 for s in self.stages):
-            raise ValueError("a stage has adv_weight > 0 but method.gan is null; set method.gan: {hidden: 64}")
-        return self
-
-
-MethodConfig = Annotated[Union[DenoisingConfig, DMDConfig, VAEConfig, ClipTextConfig, ClassifierConfig,
-                               OpenClipConfig, TSCDConfig],
-                         Field(discriminator="name")]
+    return config_class(name)
 
 
 class RunConfig(Strict):
-    method: MethodConfig
+    method: SerializeAsAny[MethodConfig]
     model: ModelConfig
     data: DataConfig
     train: TrainConfig = TrainConfig()
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_schema(cls, value: Any) -> Any:
+        if isinstance(value, MethodConfig):
+            return value
+        if not isinstance(value, dict) or "name" not in value:
+            raise ValueError("missing 'name' (which method to use)")
+        return method_schema(value["name"]).model_validate(value)
 
 
 # ---- loading, overrides and errors ---------------------------------------------------------------
@@ -389,7 +282,15 @@ def _check_keys(raw: Any, model: type[BaseModel], loc: tuple[str, ...]) -> None:
         members = _union_members(fields[key].annotation)
         tagged = fields[key].discriminator is not None or any(
             getattr(m, "discriminator", None) for m in fields[key].metadata)
-        if len(members) == 1 and not tagged:
+        if members == [MethodConfig] and isinstance(value, dict):  # the schema comes from the registry
+            if "name" not in value:
+                raise UsageError(f"{'.'.join(loc + (key,))}: missing 'name' (which {key} to use)")
+            try:
+                schema = method_schema(value["name"])
+            except UsageError as e:
+                raise UsageError(f"{'.'.join(loc + (key, 'name'))}: {e}") from None
+            _check_keys(value, schema, loc + (key,))
+        elif len(members) == 1 and not tagged:
             _check_keys(value, members[0], loc + (key,))
         elif members and isinstance(value, dict):
             if "name" not in value:

@@ -52,17 +52,6 @@ class Cond:
         return Cond(_tree_map(pick, self.kwargs), None if self.null is None else _tree_map(pick, self.null),
                     None if self.labels is None else self.labels[idx])
 
-    def to(self, device=None, dtype=None) -> "Cond":
-        def move(x):
-            return x.to(device=device, dtype=dtype if (dtype is not None and x.is_floating_point()) else x.dtype)
-        return Cond(_tree_map(move, self.kwargs), None if self.null is None else _tree_map(move, self.null),
-                    None if self.labels is None else self.labels.to(device))
-
-    def cat(self, other: "Cond") -> "Cond":
-        null = None if self.null is None or other.null is None else _tree_cat(self.null, other.null)
-        labels = None if self.labels is None or other.labels is None else torch.cat([self.labels, other.labels])
-        return Cond(_tree_cat(self.kwargs, other.kwargs), null, labels)
-
 
 # ---- the interface -------------------------------------------------------------------------------
 class Denoiser(nn.Module):
@@ -116,11 +105,6 @@ class Denoiser(nn.Module):
     def eps(self, x_t, t, cond=None, guidance=None) -> torch.Tensor:
         t = _as_batch_t(t, x_t)
         return self.schedule.to_eps(self.predict(x_t, t, cond, guidance), x_t, t, self.prediction_type)
-
-    def v(self, x_t, t, cond=None, guidance=None) -> torch.Tensor:
-        t = _as_batch_t(t, x_t)
-        return self.schedule.convert(self.predict(x_t, t, cond, guidance), x_t, t, self.prediction_type,
-                                     "v_prediction")
 
     def x0_eps(self, x_t, t, cond=None, guidance=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Both estimates from one network evaluation."""

@@ -39,14 +39,6 @@ def _tap(module: nn.Module, store: list):
         handle.remove()
 
 
-def bottleneck_features(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None) -> torch.Tensor:
-    """Run the denoiser's network once (conditional branch) and return its mid-block output."""
-    store: list[torch.Tensor] = []
-    with _tap(feature_module(denoiser.net), store):
-        denoiser(x_t, t, cond.kwargs if cond is not None else None)
-    return store[-1]
-
-
 class GANHead(nn.Module):
     """Conv (or MLP for flat features) -> mean pool -> one logit per sample."""
 

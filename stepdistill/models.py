@@ -17,88 +17,14 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .denoisers import MLP, Cond, Denoiser
+from .conditioners import ClassConditioner, Conditioner, NoConditioner, TextConditioner
+from .denoisers import MLP, Denoiser
 from .errors import UsageError
 from .schedules import NoiseSchedule
 
 DEFAULT_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
                      "beta_end": 0.012, "prediction_type": "epsilon", "clip_sample": False,
                      "set_alpha_to_one": False, "steps_offset": 1}
-
-
-# ---- conditioners ------------------------------------------------------------------------------------
-class Conditioner:
-    """Turns raw conditions (class ids and/or prompts) into a :class:`Cond` for the family's network."""
-
-    conditional: bool = True
-
-    def encode(self, labels: torch.Tensor | None = None, prompts: Sequence[str] | None = None,
-               n: int | None = None) -> Cond:
-        raise NotImplementedError
-
-
-class NoConditioner(Conditioner):
-    conditional = False
-
-    def encode(self, labels=None, prompts=None, n=None) -> Cond:
-        return Cond({}, None, labels)
-
-
-class ClassConditioner(Conditioner):
-    """``class_labels`` kwarg; id ``num_classes`` is the unconditional (null) class for CFG."""
-
-    def __init__(self, num_classes: int, device: torch.device | str = "cpu"):
-        self.num_classes, self.device = num_classes, device
-
-    def encode(self, labels=None, prompts=None, n=None) -> Cond:
-        if labels is None:
-            raise ValueError("class-conditional model needs labels")
-        labels = labels.to(self.device)
-        null = torch.full_like(labels, self.num_classes)
-        return Cond({"class_labels": labels}, {"class_labels": null}, labels)
-
-
-class TextConditioner(Conditioner):
-    """CLIP text encoder(s) -> ``encoder_hidden_states`` (+ SDXL ``added_cond_kwargs``); the empty prompt is
-    the unconditional branch, as in Stable Diffusion. Embeddings are cached per prompt."""
-
-    def __init__(self, tokenizers: list, text_encoders: list, device, sdxl: bool = False,
-                 resolution: int | None = None):
-        self.tokenizers, self.text_encoders, self.device, self.sdxl = tokenizers, text_encoders, device, sdxl
-        self.resolution = resolution
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-
-    @torch.no_grad()
-    def _embed(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if prompt not in self._cache:
-            hidden, pooled = [], None
-            for tok, enc in zip(self.tokenizers, self.text_encoders):
-                ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True,
-                          return_tensors="pt").input_ids.to(self.device)
-                if self.sdxl:  # SDXL: penultimate hidden states, pooled output of the last encoder
-                    out = enc(ids, output_hidden_states=True)
-                    hidden.append(out.hidden_states[-2])
-                    pooled = out[0]
-                else:
-                    hidden.append(enc(ids)[0])
-            self._cache[prompt] = (torch.cat(hidden, dim=-1)[0], None if pooled is None else pooled[0])
-        return self._cache[prompt]
-
-    def _kwargs(self, prompts: Sequence[str]) -> dict:
-        embs = [self._embed(p) for p in prompts]
-        kw: dict[str, Any] = {"encoder_hidden_states": torch.stack([e[0] for e in embs])}
-        if self.sdxl:
-            r = self.resolution
-            time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=kw["encoder_hidden_states"].dtype,
-                                    device=self.device).repeat(len(prompts), 1)
-            kw["added_cond_kwargs"] = {"text_embeds": torch.stack([e[1] for e in embs]), "time_ids": time_ids}
-        return kw
-
-    def encode(self, labels=None, prompts=None, n=None) -> Cond:
-        if prompts is None:
-            raise ValueError("text-conditional model needs prompts")
-        prompts = list(prompts)
-        return Cond(self._kwargs(prompts), self._kwargs([""] * len(prompts)), labels)
 
 
 # ---- the bundle --------------------------------------------------------------------------------------
@@ -141,20 +67,6 @@ class ModelBundle:
             return x
         return self.vae.decode(x.to(next(self.vae.parameters()).dtype) / self.vae_scaling).sample.float()
 
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images in [-1, 1] -> model space (a VAE posterior sample, scaled, for latent models)."""
-        if self.vae is None:
-            return images
-        dist = self.vae.encode(images.to(next(self.vae.parameters()).dtype)).latent_dist
-        return dist.sample(generator) * self.vae_scaling if generator is not None else dist.mean * self.vae_scaling
-
-    def to(self, device) -> "ModelBundle":
-        for m in [self.teacher, self.init_net, self.vae, *self.components.get("text_encoders", [])]:
-            if m is not None:
-                m.to(device)
-        return self
-
 
 def resolve_source(source: str) -> Path:
     """'asset:NAME' -> the shipped asset folder; anything else is a local path that must exist."""
@@ -184,6 +96,12 @@ def detect_kind(path: Path) -> str:
     raise UsageError(f"{path} is not a Diffusers pipeline or UNet2DModel folder (no model_index.json / config.json)")
 
 
+def family(model_cfg) -> tuple[Path, str]:
+    """The teacher folder of ``model.pretrained`` and its family (``model.kind``, or detected from the folder)."""
+    path = resolve_source(model_cfg.pretrained)
+    return path, (detect_kind(path) if model_cfg.kind == "auto" else model_cfg.kind)
+
+
 def load_bundle(model_cfg, data_cfg=None, device: torch.device | str = "cpu") -> ModelBundle:
     """Build the ModelBundle a config describes (teacher frozen, on ``device``)."""
     src = model_cfg.pretrained
@@ -191,8 +109,7 @@ def load_bundle(model_cfg, data_cfg=None, device: torch.device | str = "cpu") ->
         return _toy2d_bundle(model_cfg, data_cfg, device)
     if src is None:
         return _scratch_bundle(model_cfg, data_cfg, device)
-    path = resolve_source(src)
-    kind = detect_kind(path) if model_cfg.kind == "auto" else model_cfg.kind
+    path, kind = family(model_cfg)
     if kind == "unet2d":
         bundle = _unet2d_bundle(path, model_cfg, device)
     elif kind in ("sd", "sdxl"):
@@ -297,7 +214,7 @@ def _sd_scratch_bundle(model_cfg, sched_cfg: dict, schedule: NoiseSchedule, devi
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     return ModelBundle("sd", Denoiser(unet, schedule, sched_cfg["prediction_type"]), unet, schedule, sched_cfg,
                        shape, cond, vae=vae, vae_scaling=vae.config.scaling_factor,
-                       components={"tokenizers": [tok], "text_encoders": [enc], "path": None})
+                       components={"tokenizers": [tok], "text_encoders": [enc]})
 
 
 def load_mlp(path: Path) -> tuple[MLP, str]:
@@ -366,46 +283,21 @@ def _sd_bundle(path: Path, kind: str, model_cfg, device) -> ModelBundle:
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     return ModelBundle(kind, Denoiser(unet, schedule, sched_cfg["prediction_type"]), unet, schedule, sched_cfg,
                        shape, cond, vae=vae, vae_scaling=vae.config.scaling_factor,
-                       components={"tokenizers": toks, "text_encoders": encs, "path": str(path)})
+                       components={"tokenizers": toks, "text_encoders": encs})
 
 
-# ---- saving networks in their family's deployable format -----------------------------------------------
-def save_network(bundle: ModelBundle, net: nn.Module, out_dir: Path, prediction_type: str | None = None) -> None:
-    """Write ``net`` (a full network of the bundle's family) as a loadable folder: toy MLP folder,
-    a UNet2DModel pipeline folder (``unet/`` + ``scheduler/``), or a full Stable Diffusion pipeline."""
-    out_dir = Path(out_dir)
-    pred = prediction_type or bundle.init_prediction_type
-    if bundle.kind == "mlp":
-        save_mlp(net, out_dir, pred)
-        return
-    sched_cfg = {**bundle.scheduler_config, "prediction_type": pred}
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_config(sched_cfg)
-    if bundle.kind == "unet2d":
-        from .pipelines.class_conditional import ClassConditionalPipeline
-
-        ClassConditionalPipeline(unet=net, scheduler=scheduler).save_pretrained(out_dir)
-        return
-    pipe = sd_pipeline(bundle, unet=net, scheduler=scheduler)
-    pipe.save_pretrained(out_dir)
-    from .tokenizer import add_bpe_files
-
-    for sub in ("tokenizer", "tokenizer_2"):
-        if (out_dir / sub).is_dir():
-            add_bpe_files(out_dir / sub)  # vocab.json / merges.txt for the slow CLIPTokenizer too
-
-
-def sd_pipeline(bundle: ModelBundle, unet: nn.Module | None = None, scheduler=None):
-    """A stock StableDiffusion(XL)Pipeline over the bundle's components."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    scheduler = scheduler or DDIMScheduler.from_config(bundle.scheduler_config)
-    toks, encs = bundle.components["tokenizers"], bundle.components["text_encoders"]
-    unet = unet if unet is not None else bundle.init_net
-    if bundle.kind == "sdxl":
-        return StableDiffusionXLPipeline(vae=bundle.vae, text_encoder=encs[0], text_encoder_2=encs[1],
-                                         tokenizer=toks[0], tokenizer_2=toks[1], unet=unet, scheduler=scheduler)
-    return StableDiffusionPipeline(vae=bundle.vae, text_encoder=encs[0], tokenizer=toks[0], unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+def bundle_from_pipeline(pipe) -> ModelBundle:
+    """The networks of an opened stock StableDiffusion(XL)Pipeline as a bundle (same modules, shared weights):
+    its UNet as a Denoiser with the pipeline's conditioner and VAE (pipelines traced step by step)."""
+    sdxl = hasattr(pipe, "text_encoder_2")
+    toks = [pipe.tokenizer, pipe.tokenizer_2] if sdxl else [pipe.tokenizer]
+    encs = [pipe.text_encoder, pipe.text_encoder_2] if sdxl else [pipe.text_encoder]
+    unet, config = pipe.unet, dict(pipe.scheduler.config)
+    res = unet.config.sample_size * pipe.vae_scale_factor
+    schedule = NoiseSchedule.from_scheduler_config(config)
+    pred = config.get("prediction_type", "epsilon")
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    return ModelBundle("sdxl" if sdxl else "sd", Denoiser(unet, schedule, pred), unet, schedule, config, shape,
+                       TextConditioner(toks, encs, pipe.device, sdxl=sdxl, resolution=res), vae=pipe.vae,
+                       vae_scaling=pipe.vae.config.scaling_factor, components={"tokenizers": toks,
+                                                                               "text_encoders": encs})

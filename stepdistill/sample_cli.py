@@ -44,7 +44,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def _conditions(args, loaded):
-    from .eval.samplers import Conditions
+    from .pipelines.samplers import Conditions
 
     bench = loaded.benchmark
     if args.prompt:
@@ -75,27 +75,22 @@ def _labels(text: str | None) -> list[int]:
 
 def run(args) -> int:
     from .eval.images import save_grid, save_scatter
-    from .eval.loading import load_student, load_teacher
-    from .eval.samplers import SamplerSpec
+    from .pipelines.loading import hybrid_recipe, load_run, load_teacher
+    from .pipelines.plan import SamplingRecipe
 
     if args.num < 1 or args.batch_size < 1:
         raise UsageError("--num and --batch-size must be >= 1")
-    if args.hybrid_base_steps is not None:
-        from .eval.loading import load_hybrid
-
-        if not args.run or args.hybrid_base_steps < 1:
-            raise UsageError("--hybrid-base-steps N needs --run RUN_DIR (the student) and N >= 1")
-        loaded = load_hybrid(args.run, base_steps=args.hybrid_base_steps, mode=args.hybrid_mode,
-                             base_guidance=args.hybrid_base_guidance, base_scheduler=args.hybrid_base_scheduler)
-    else:
-        loaded = load_student(args.run) if args.run else load_teacher(args.model)
-    spec = loaded.spec or SamplerSpec(scheduler="DDIMScheduler", num_inference_steps=50)
-    update = {}
+    if args.hybrid_base_steps is not None and (not args.run or args.hybrid_base_steps < 1):
+        raise UsageError("--hybrid-base-steps N needs --run RUN_DIR (the student) and N >= 1")
+    loaded = load_run(args.run) if args.run else load_teacher(args.model)
+    spec = loaded.spec or SamplingRecipe(scheduler="DDIMScheduler", num_inference_steps=50)
     if args.steps:
-        update.update(num_inference_steps=args.steps, timesteps=None)
+        spec = spec.with_steps(args.steps)
     if args.guidance is not None:
-        update["guidance_scale"] = args.guidance
-    spec = spec.model_copy(update=update)
+        spec = spec.model_copy(update={"guidance_scale": args.guidance})
+    if args.hybrid_base_steps is not None:
+        spec = hybrid_recipe(loaded.sampler, spec, args.hybrid_base_steps, args.hybrid_mode,
+                             args.hybrid_base_guidance, args.hybrid_base_scheduler)
     conds = _conditions(args, loaded)
     n = len(conds) if len(conds) else args.num * 100
     seeds = list(range(args.seed, args.seed + n))
@@ -116,13 +111,12 @@ def run(args) -> int:
             Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr).save(args.out / f"{seeds[k]:06d}.png")
         path = save_grid(x, args.out / "grid.png", nrow=args.num, scale=4)
         if args.x0_grid:
-            from .eval.samplers import Conditions
             from .eval.trajectory import save_x0_grid, trace
+            from .pipelines.samplers import Conditions
 
             idx = list(range(0, n, args.num))[:10]  # the first sample of each prompt / label
             sub = Conditions(None if conds.labels is None else conds.labels[idx],
                              None if conds.prompts is None else [conds.prompts[i] for i in idx])
             save_x0_grid(trace(loaded.sampler, spec, sub, [seeds[i] for i in idx]), args.out / "x0_grid.png")
-    label = loaded.sampler.label(spec) if hasattr(loaded.sampler, "label") else spec.label()
-    print(f"stepdistill: wrote {len(x)} samples ({label}) to {args.out}; overview {path}")
+    print(f"stepdistill: wrote {len(x)} samples ({spec.label()}) to {args.out}; overview {path}")
     return 0

@@ -94,12 +94,12 @@ def test_build_runs_configs_in_sequence(tmp_path, monkeypatch):
     manifest = asset_build.build("two-stage", root, tmp_path / "runs", ["train.steps=3", "train.batch_size=8"],
                                  quiet=True)
     folder = assets.path("two-stage", root)
-    assert sorted(manifest["files"]) == ["first/config.json", "first/model.safetensors", "second/config.json",
-                                         "second/model.safetensors"]
+    assert sorted(manifest["files"]) == ["first/config.json", "first/model.safetensors", "first/sampling.json",
+                                         "second/config.json", "second/model.safetensors", "second/sampling.json"]
     assert json.loads((folder / "second" / "config.json").read_text())["hidden"] == 16
     runs = manifest["runs"]
     assert [r["steps"] for r in runs] == [3, 3] and runs[1]["overrides"][0] == "model.arch.hidden=16"
-    assert manifest["metrics"]["first_files"] == ["config.json", "model.safetensors"]
+    assert manifest["metrics"]["first_files"] == ["config.json", "model.safetensors", "sampling.json"]
     assert manifest["rebuild"] == "stepdistill assets build two-stage" and manifest["train_minutes"] >= 0
     assert not any(p.name.startswith(".") for p in root.iterdir())  # no staging leftovers
 

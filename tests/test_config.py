@@ -62,6 +62,26 @@ def test_unknown_method_name(tmp_path):
         load_config(_toy(tmp_path), ["method.name=dmdd"])
 
 
+def test_loss_weights_left_out_keep_their_defaults(tmp_path):
+    cfg = load_config(_toy(tmp_path), ["method.name=dmd", "method.loss_weights={dm: 2.0}"])
+    expected = {"dm": 2.0, "fake": 1.0, "reg": 0.25, "gan_g": 3e-3, "gan_d": 1e-2}
+    assert cfg.method.loss_weights == expected
+    import yaml
+
+    assert yaml.safe_load(dump_config(cfg))["method"]["loss_weights"] == expected  # the run records every weight
+
+
+def test_asset_methods_resolve_but_are_not_listed(tmp_path):
+    from stepdistill import registry
+
+    assert registry.names() == ["dmd", "tscd", "denoising"]
+    assert load_config(_toy(tmp_path), ["method.name=classifier"]).method.name == "classifier"
+    with pytest.raises(UsageError, match=r"did you mean 'denoising'\? methods: dmd, tscd, denoising$"):
+        load_config(_toy(tmp_path), ["method.name=denoisin"])
+    with pytest.raises(UsageError, match=r"unknown config key 'method.label_smoothin'; did you mean"):
+        load_config(_toy(tmp_path), ["method.name=classifier", "method.label_smoothin=0.1"])
+
+
 def test_missing_and_bad_files(tmp_path):
     with pytest.raises(UsageError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

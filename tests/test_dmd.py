@@ -132,7 +132,7 @@ def test_update_schedule_follows_config(tmp_path, monkeypatch):
      "loss_weights": {"dm": 1.0, "fake": 1.0, "gan_g": 0.01, "gan_d": 0.01}},
 ], ids=["lora-shared-gan-reg", "4step-full-gan"])
 def test_toy_smoke_run_exports_a_student(tmp_path, variant):
-    from stepdistill.export import load_recipe
+    from stepdistill.pipelines.plan import SamplingRecipe
 
     cfg = toy_dmd(**variant)
     t = Trainer(cfg, method_class("dmd"), tmp_path / "run", show_progress=False)
@@ -140,7 +140,7 @@ def test_toy_smoke_run_exports_a_student(tmp_path, variant):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(all(v == v for v in r.values()) for r in rows)  # finite (no NaN)
     assert {"student/dm", "fake_score/fake"} <= set(rows[-1]) or {"fake_score/fake"} <= set(rows[-1])
-    recipe = load_recipe(tmp_path / "run" / "student")
+    recipe = SamplingRecipe.load(tmp_path / "run" / "student")
     assert recipe.scheduler == "LCMScheduler" and recipe.timesteps == variant.get("timesteps", [999])
     if "regression" in variant:
         assert (tmp_path / "run" / "regression_pairs.safetensors").exists()
@@ -197,9 +197,9 @@ def test_digits_sd_lora_matches_stock_pipeline(tmp_path):
 
     from stepdistill import assets
     from stepdistill.config import load_config
-    from stepdistill.eval.loading import load_student
-    from stepdistill.eval.samplers import Conditions
-    from stepdistill.recipe import SamplingRecipe
+    from stepdistill.pipelines.loading import load_run as load_student
+    from stepdistill.pipelines.samplers import Conditions
+    from stepdistill.pipelines.plan import SamplingRecipe
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs/digits_sd/dmd_lora.yaml",
@@ -245,8 +245,8 @@ def test_digits_smoke_run_4step_with_gan(tmp_path):
     """The shipped digits 4-step recipe with the GAN head, two steps on the real teacher: finite losses, an
     exported ClassConditionalPipeline student that samples with its recipe."""
     from stepdistill.config import load_config
-    from stepdistill.eval.loading import load_student
-    from stepdistill.eval.samplers import Conditions
+    from stepdistill.pipelines.loading import load_run as load_student
+    from stepdistill.pipelines.samplers import Conditions
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs/digits/dmd_4step.yaml",

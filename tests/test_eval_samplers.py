@@ -1,4 +1,5 @@
-"""Samplers of stepdistill.eval: per-sample seeds (batch-invariant images), counted NFE, recipes and students."""
+"""Samplers and loaders of stepdistill.pipelines: per-sample seeds (batch-invariant images), counted NFE, recipes
+and students."""
 
 import json
 
@@ -7,8 +8,11 @@ import torch
 import yaml
 
 from stepdistill.errors import UsageError
-from stepdistill.eval import SamplerSpec, load_student, load_teacher
-from stepdistill.eval.samplers import Conditions, count_calls
+from stepdistill.eval.speed import count_calls
+from stepdistill.pipelines import load_teacher
+from stepdistill.pipelines.loading import load_run as load_student
+from stepdistill.pipelines.plan import SamplingRecipe as SamplerSpec
+from stepdistill.pipelines.samplers import Conditions
 
 
 def _draw(loaded, spec, conds, seeds, batch):
@@ -64,6 +68,9 @@ def test_sampler_spec_file_errors(tmp_path):
     spec.save(tmp_path / "sampling.json")
     back = SamplerSpec.load(tmp_path / "sampling.json")
     assert back.steps == 2 and back.model_extra == {"adapter": "x"} and back.label() == "LCM-2"
+    (tmp_path / "sampling.json").write_text(json.dumps({"segments": [{"network": "a", "timesteps": [999, 999]}]}))
+    with pytest.raises(UsageError, match="strictly decreasing"):
+        SamplerSpec.load(tmp_path / "sampling.json")
 
 
 def toy_run(tmp_path, student: bool = True):

@@ -1,14 +1,19 @@
-"""Hybrid sampling (base model first, distilled after), x0 trajectories and control LoRAs stacked on a student,
-on tiny random pipelines: which model runs at which timestep, the hand-off latent, refused scheduler pairs."""
+"""Hybrid sampling (base model first, distilled after) as a two-segment plan, x0 trajectories and control LoRAs
+stacked on a student, on tiny random pipelines: which model runs at which timestep, the hand-off latent, refused
+scheduler pairs."""
 
 import pytest
 import torch
 import yaml
 
 from stepdistill.errors import UsageError
-from stepdistill.eval.samplers import Conditions, DenoiserSampler, HybridSampler, PipelineSampler, SamplerSpec
 from stepdistill.pipelines import seeded_generators
-from stepdistill.pipelines.hybrid import HybridPipeline, hybrid_sample, plan_hybrid
+from stepdistill.pipelines.hybrid import HybridPipeline
+from stepdistill.pipelines.loading import hybrid_recipe, parse_scheduler
+from stepdistill.pipelines.plan import TEACHER, SamplingRecipe, plan_hybrid
+from stepdistill.pipelines.samplers import Conditions, DenoiserSampler, PipelineSampler
+
+SamplerSpec = SamplingRecipe
 
 PROMPTS = ["a handwritten digit three", "the number 7"]
 LCM4 = [999, 749, 499, 249]
@@ -49,6 +54,18 @@ def _denoiser(pipe):
     return PipelineSampler(pipe).denoiser_sampler()
 
 
+def _two(base, dist) -> DenoiserSampler:
+    """Teacher and student Denoisers of two pipelines in one sampler (main: the student)."""
+    b, d = _denoiser(base), _denoiser(dist)
+    return DenoiserSampler({TEACHER: b.denoiser, "student": d.denoiser}, d.scheduler_config(), d.shape,
+                           d.conditioner, decode=d.decode, main="student")
+
+
+def _hybrid(sampler, spec, base_steps=1, mode="replace", base=None, guidance=None):
+    """The student recipe with the teacher in front; ``base``: (scheduler name, kwargs) of the teacher's steps."""
+    return plan_hybrid(spec, sampler.timesteps(spec), base_steps, mode, base, guidance)
+
+
 class CallLog:
     """(model, timestep, rows) of every UNet call."""
 
@@ -76,14 +93,23 @@ class CallLog:
 
 
 def test_plan_replace_and_add():
-    p = plan_hybrid(LCM4, 1, "replace")
-    assert p.base_timesteps == LCM4 and p.distilled_timesteps == [749, 499, 249] and p.steps == 4
-    p = plan_hybrid(LCM4, 2, "replace")
-    assert p.handoff_timestep == 499 and p.distilled_timesteps == [499, 249]
-    p = plan_hybrid(LCM4, 1, "add")
-    assert p.base_timesteps == [999] and p.distilled_timesteps == LCM4 and p.steps == 5
-    assert plan_hybrid([999], 1, "add").steps == 2
-    from stepdistill.eval.samplers import parse_scheduler
+    from stepdistill.pipelines.plan import passes
+
+    spec = SamplerSpec(scheduler="LCMScheduler", timesteps=LCM4)
+    p = plan_hybrid(spec, LCM4, 1, "replace")
+    assert [s.network for s in p.segments] == [TEACHER, None] and p.steps == 4
+    assert p.segments[0].timesteps == [999] and p.segments[1].timesteps == [749, 499, 249]
+    (one,) = passes(p, p.segments)  # one scheduler: one pass over the chain, networks taking turns
+    assert one.chain == tuple(LCM4) and one.networks == (TEACHER, None, None, None) and one.entry == "noise"
+    p = plan_hybrid(spec, LCM4, 2, "replace")
+    assert p.segments[1].timesteps == [499, 249] and p.label() == "hybrid replace base-2 + LCM-2"
+    p = plan_hybrid(spec, LCM4, 1, "add", ("DDIMScheduler", {"timestep_spacing": "trailing"}), 3.0)
+    assert p.segments[0].timesteps == [999] and p.segments[1].timesteps == LCM4 and p.steps == 5
+    first, second = passes(p, p.segments)  # add: the student re-noises the teacher's clean estimate
+    assert (first.chain, first.stop, second.entry, second.chain) == ((999,), 1, "renoise", tuple(LCM4))
+    assert p.label() == "hybrid add base-1 DDIM w=3 + LCM-4"
+    assert plan_hybrid(SamplerSpec(timesteps=[999]), [999], 1, "add").steps == 2
+    assert SamplerSpec.model_validate_json(p.model_dump_json()) == p  # pure data, JSON round trip
 
     assert parse_scheduler("DDIMScheduler:timestep_spacing=trailing,eta=0.5") == (
         "DDIMScheduler", {"timestep_spacing": "trailing", "eta": 0.5})
@@ -91,7 +117,7 @@ def test_plan_replace_and_add():
     for ts, b, mode in (([999], 1, "replace"), (LCM4, 4, "replace"), (LCM4, 0, "replace"), (LCM4, 5, "add"),
                         ([999, 999], 1, "replace"), (LCM4, 1, "both")):
         with pytest.raises(UsageError):
-            plan_hybrid(ts, b, mode)
+            plan_hybrid(SamplerSpec(num_inference_steps=4), ts, b, mode)
 
 
 @pytest.mark.parametrize("mode,base_guidance", [("replace", 1.0), ("replace", 3.0), ("add", 1.0)])
@@ -113,8 +139,8 @@ def test_two_base_steps_and_ddim_leading_grid_still_runs_the_base(sd_folder):
     """A recipe given as a step count on DDIM's default 'leading' grid ([751, 501, 251, 1] here, never 999): the
     plan is by index, so the base still takes the first steps (a known public hybrid silently ran none)."""
     base, dist = _pipe(sd_folder, "DDIMScheduler"), _pipe(sd_folder, "DDIMScheduler", lora_seed=1)
-    hybrid = HybridSampler(_denoiser(base), _denoiser(dist), base_steps=2)
-    spec = SamplerSpec(scheduler="DDIMScheduler", num_inference_steps=4)
+    hybrid = _two(base, dist)
+    spec = _hybrid(hybrid, SamplerSpec(scheduler="DDIMScheduler", num_inference_steps=4), base_steps=2)
     log = CallLog(base=base.unet, distilled=dist.unet)
     hybrid(spec, Conditions(prompts=PROMPTS), [0, 1])
     log.close()
@@ -147,14 +173,14 @@ def test_handoff_is_the_base_pipeline_run_to_that_step(sd_folder, base_steps):
     handed = {}
 
     def record(i, t, x, x0, model):
-        if model == "base":
+        if model == TEACHER:
             handed["x"] = x.clone()
-    b, d = _denoiser(base), _denoiser(dist)
-    plan = plan_hybrid(LCM4, base_steps)
-    x = hybrid_sample(b.denoiser, d.denoiser, b.scheduler(SamplerSpec(scheduler="LCMScheduler", timesteps=LCM4)),
-                      d.scheduler(SamplerSpec(scheduler="LCMScheduler", timesteps=LCM4)), (2, 4, 8, 8),
-                      d.cond(Conditions(prompts=PROMPTS), 2), plan, generator=seeded_generators(0, 2),
-                      callback=record)
+    from stepdistill.pipelines.runner import run_denoisers
+
+    two = _two(base, dist)
+    plan = _hybrid(two, SamplerSpec(scheduler="LCMScheduler", timesteps=LCM4), base_steps)
+    x = run_denoisers(plan, plan.segments, two.networks, "student", two.scheduler_config(), (2, 4, 8, 8),
+                      two.cond(Conditions(prompts=PROMPTS)), generator=seeded_generators(0, 2), callback=record)
     assert torch.allclose(handed["x"], to_step, atol=1e-5)
     # the distilled pipeline from that latent, on the partial schedule, with the generators where the base left them
     gens = seeded_generators(0, 2)
@@ -171,16 +197,18 @@ def test_handoff_is_the_base_pipeline_run_to_that_step(sd_folder, base_steps):
 def test_sigma_scaled_base_is_converted(sd_folder):
     """Euler steps sigma-scaled latents x_t / a_t; DDIM is the same ODE solver in VP latents. An Euler base
     hands off the same latent as a DDIM base once converted, so the hybrids agree (LCM distilled)."""
+    from stepdistill.pipelines.runner import run_denoisers
+
     base, dist = _pipe(sd_folder), _pipe(sd_folder, lora_seed=1)
-    b, d = _denoiser(base), _denoiser(dist)
-    cond = d.cond(Conditions(prompts=PROMPTS), 2)
-    lcm = d.scheduler(SamplerSpec(scheduler="LCMScheduler", timesteps=LCM4))
+    two = _two(base, dist)
+    cond = two.cond(Conditions(prompts=PROMPTS))
+    lcm = SamplerSpec(scheduler="LCMScheduler", timesteps=LCM4)
     outs = []
     for name, kw in (("DDIMScheduler", {"timestep_spacing": "trailing"}),
                      ("EulerDiscreteScheduler", {"timestep_spacing": "leading"})):
-        sched = b.scheduler(SamplerSpec(scheduler=name, scheduler_kwargs=kw, num_inference_steps=4))
-        outs.append(hybrid_sample(b.denoiser, d.denoiser, sched, lcm, (2, 4, 8, 8), cond, plan_hybrid(LCM4, 1),
-                                  generator=seeded_generators(0, 2)))
+        plan = _hybrid(two, lcm, 1, base=(name, kw))
+        outs.append(run_denoisers(plan, plan.segments, two.networks, "student", two.scheduler_config(),
+                                  (2, 4, 8, 8), cond, generator=seeded_generators(0, 2)))
     assert torch.allclose(outs[0], outs[1], atol=1e-4)
     # the same through stock pipelines: an Euler or a DDIM (its own trailing grid) base pipeline, LCM distilled
     for base_pipe in (_pipe(sd_folder, "EulerDiscreteScheduler", timestep_spacing="leading"),
@@ -189,13 +217,14 @@ def test_sigma_scaled_base_is_converted(sd_folder):
                                                    output_type="latent").images
         assert torch.allclose(stock, outs[0], atol=1e-4)
     # 'ode' base steps: DDIM where its trailing grid is the recipe's timesteps, else Euler
-    from stepdistill.pipelines.hybrid import ode_base_scheduler
+    from stepdistill.pipelines.handoff import ode_base_scheduler
 
     assert ode_base_scheduler(dict(base.scheduler.config), LCM4)[0] == "DDIMScheduler"
     assert ode_base_scheduler(dict(base.scheduler.config), [999, 759, 499, 259])[0] == "EulerDiscreteScheduler"
-    hybrid = HybridSampler(PipelineSampler(base), PipelineSampler(dist), base_scheduler="ode")
-    images = hybrid(SamplerSpec(scheduler="LCMScheduler", timesteps=LCM4), Conditions(prompts=PROMPTS), [0, 1])
-    assert torch.allclose(images, b.images(outs[0]), atol=1e-4) and "ode" in hybrid.label(SamplerSpec(timesteps=LCM4))
+    hybrid = PipelineSampler(base, {TEACHER: None, "student": (dist, None)}, main="student")
+    spec = hybrid_recipe(hybrid, SamplerSpec(scheduler="LCMScheduler", timesteps=LCM4), base_scheduler="ode")
+    images = hybrid(spec, Conditions(prompts=PROMPTS), [0, 1])
+    assert torch.allclose(images, two.images(outs[0]), atol=1e-4) and "DDIM" in spec.label()
 
 
 def test_incompatible_scheduler_pairs_are_refused(sd_folder):
@@ -209,12 +238,10 @@ def test_incompatible_scheduler_pairs_are_refused(sd_folder):
     for name, (b, d, match) in cases.items():
         with pytest.raises(UsageError, match=match):
             HybridPipeline(b, d, 1)(PROMPTS, timesteps=LCM4, generator=seeded_generators(0, 2), output_type="latent")
-    with pytest.raises(UsageError, match="one kind"):
-        HybridSampler(PipelineSampler(base), _denoiser(dist))
     # a sigma-scaled scheduler off the discrete schedule (Karras sigmas on its own grid) has no exact conversion
     from diffusers import EulerDiscreteScheduler
 
-    from stepdistill.pipelines.hybrid import latent_scale, schedule_of
+    from stepdistill.pipelines.handoff import latent_scale, schedule_of
 
     karras = EulerDiscreteScheduler.from_config({**base.scheduler.config, "use_karras_sigmas": True})
     karras.set_timesteps(4)
@@ -223,12 +250,12 @@ def test_incompatible_scheduler_pairs_are_refused(sd_folder):
 
 
 def test_class_conditional_hybrid_matches_the_denoiser_path(tmp_path):
-    """digits shape: two ClassConditionalPipelines through HybridPipeline = HybridSampler over Denoisers."""
+    """digits shape: two ClassConditionalPipelines through HybridPipeline = the hybrid plan over Denoisers."""
     from diffusers import LCMScheduler
 
     from stepdistill.denoisers import Denoiser
-    from stepdistill.eval import load_teacher
     from stepdistill.lora import add_lora
+    from stepdistill.pipelines import load_teacher
     from stepdistill.pipelines.class_conditional import ClassConditionalPipeline
     from test_eval_samplers import _tiny_unet2d
 
@@ -244,10 +271,11 @@ def test_class_conditional_hybrid_matches_the_denoiser_path(tmp_path):
     log.close()
     assert log.timesteps("base") == [999] and log.timesteps("distilled") == [749, 499, 249]
     teacher = load_teacher(str(folder)).sampler  # the same weights as `base`, through pipelines.sample
-    student = DenoiserSampler(Denoiser(dist.unet, teacher.denoiser.schedule, teacher.denoiser.prediction_type),
-                              teacher.scheduler_config, teacher.shape, teacher.conditioner)
-    spec = SamplerSpec(scheduler="LCMScheduler", timesteps=LCM4)
-    y = HybridSampler(teacher, student)(spec, Conditions(torch.tensor([3, 7])), [0, 1])
+    student = Denoiser(dist.unet, teacher.denoiser.schedule, teacher.denoiser.prediction_type)
+    both = DenoiserSampler({TEACHER: teacher.denoiser, "student": student}, teacher.scheduler_config(), teacher.shape,
+                           teacher.conditioner, main="student")
+    spec = _hybrid(both, SamplerSpec(scheduler="LCMScheduler", timesteps=LCM4))
+    y = both(spec, Conditions(torch.tensor([3, 7])), [0, 1])
     assert torch.allclose(x, y, atol=1e-5)
 
 
@@ -257,11 +285,11 @@ def test_x0_grid_has_one_column_per_step(sd_folder, tmp_path):
     from stepdistill.eval.trajectory import feature_distances, save_x0_grid, settle_step, trace
 
     base, dist = _pipe(sd_folder), _pipe(sd_folder, lora_seed=1)
-    spec = SamplerSpec(scheduler="LCMScheduler", timesteps=LCM4)
-    hybrid = HybridSampler(PipelineSampler(base), PipelineSampler(dist), base_steps=1)
+    hybrid = PipelineSampler(base, {TEACHER: None, "student": (dist, None)}, main="student")
+    spec = _hybrid(hybrid, SamplerSpec(scheduler="LCMScheduler", timesteps=LCM4))
     conds = Conditions(prompts=PROMPTS)
     traj = trace(hybrid, spec, conds, [0, 1])
-    assert traj.timesteps == LCM4 and traj.models == ["base", "distilled", "distilled", "distilled"]
+    assert traj.timesteps == LCM4 and traj.models == [TEACHER, "student", "student", "student"]
     assert torch.allclose(traj.final, hybrid(spec, conds, [0, 1]), atol=1e-5)  # traced = the stock pipelines' images
     assert torch.allclose(traj.x0[-1], traj.final, atol=1e-5)  # LCM's last step returns its x0
     path = save_x0_grid(traj, tmp_path / "x0.png", scale=2)
@@ -294,7 +322,7 @@ def test_eval_cli_hybrid_row_with_x0_grid(sd_folder, tmp_path):
                  "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 0
     student, hybrid = load_report(out / "report.json").rows
     assert student.nfe == 4 and hybrid.method == "hybrid" and hybrid.nfe == 5  # base step with CFG counts twice
-    assert hybrid.x0_models == ["base", "distilled", "distilled", "distilled"] and len(hybrid.x0_distance) == 4
+    assert hybrid.x0_models == [TEACHER, "student", "student", "student"] and len(hybrid.x0_distance) == 4
     assert (out / student.x0_grid).exists() and (out / hybrid.x0_grid).exists()
     assert "x0 at every step" in (out / "report.html").read_text()
     # `stepdistill sample --run RUN --hybrid-base-steps 1 --x0-grid`
@@ -332,20 +360,20 @@ def test_bold_control_lora_trains_and_stacks_with_the_student(sd_folder, tmp_pat
     student_dir = tmp_path / "student"
     save_diffusers_lora(_pipe(sd_folder, lora_seed=1).unet, "student", student_dir)
     pipe = _pipe(sd_folder)
-    pipe.load_lora_weights(student_dir)
-    sampler = PipelineSampler(pipe)
+    pipe.load_lora_weights(student_dir, adapter_name="student")
+    sampler = PipelineSampler(pipe, {TEACHER: None, "student": "student"}, main="student")
     load_control(sampler, lora)  # the trained one loads as an adapter ...
     pipe.delete_adapters("control")
     load_control(sampler, strong)  # ... and the stand-in is what we measure
-    assert sorted(pipe.unet.peft_config) == ["control", "default_0"]
+    assert sorted(pipe.unet.peft_config) == ["control", "student"]
     spec = SamplerSpec(scheduler="LCMScheduler", timesteps=LCM4)
     conds = Conditions(prompts=PROMPTS)
     alone = sampler(spec, conds, [0, 1])
     with control(sampler, 0.0):
         assert torch.allclose(sampler(spec, conds, [0, 1]), alone, atol=1e-6)
     with control(sampler, 1.0):
-        assert pipe.get_active_adapters() == ["default_0", "control"]
         both = sampler(spec, conds, [0, 1])
+        assert pipe.get_active_adapters() == ["student", "control"]
     assert (both - alone).abs().max() > 1e-3
     assert torch.allclose(sampler(spec, conds, [0, 1]), alone, atol=1e-6)  # restored
     eff = control_effect("student", sampler, spec, conds, [0, 1])

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from stepdistill.config import validate
 from stepdistill.errors import TrainingFault
 from stepdistill.trainers import Trainer, method_class
-from stepdistill.trainers.base import latest_checkpoint
+from stepdistill.training import latest_checkpoint
 
 TOY = {
     "method": {"name": "denoising", "cond_dropout": 0.0},
@@ -145,7 +145,7 @@ def test_non_finite_loss_stops_with_named_loss(tmp_path, monkeypatch):
 
 
 def test_phases_follow_their_schedule():
-    from stepdistill.trainers.base import Phase
+    from stepdistill.training import Phase
 
     p = Phase("student", ("student",), every=5)
     assert [s for s in range(12) if p.runs_at(s)] == [0, 5, 10]
@@ -153,7 +153,7 @@ def test_phases_follow_their_schedule():
 
 def _linear_method(rows_per_batch):
     """A custom Method on a fixed dataset: micro-batch i of a step is rows [i*B, (i+1)*B) of X."""
-    from stepdistill.trainers.base import Method, Phase
+    from stepdistill.training import Method, Phase
 
     X = torch.arange(8, dtype=torch.float32).reshape(4, 2) / 7
     Y = X @ torch.tensor([[1.0], [-2.0]]) + 0.5

@@ -16,7 +16,7 @@ from stepdistill.pipelines import sample
 from stepdistill.schedules import (CLEAN, NoiseSchedule, ddim_grid, lower_edge, segment_edges, solver_target_timestep,
                                    tcd_timesteps, tscd_timesteps)
 from stepdistill.trainers import Trainer, method_class
-from stepdistill.trainers.base import latest_checkpoint
+from stepdistill.training import latest_checkpoint
 from stepdistill.trainers.common import ema_update, make_target, make_trainable
 from stepdistill.trainers.tscd import DDIM_TRAILING_RECIPE, consistency_target
 
@@ -224,13 +224,25 @@ def test_resume_keeps_stage_and_target(tmp_path):
     assert all(r["seconds"] >= 0 for r in stages)
 
 
+def test_adversarial_weight_follows_the_stage_of_the_step():
+    """loss_weights(step): gan_g times the adv_weight of the stage that step is in; other weights as configured."""
+    cfg = digits_config({"gan": {"hidden": 8}, "loss_weights": {"gan_g": 2.0},
+                         "stages": [{"segments": 8, "steps": 2}, {"segments": 4, "steps": 2, "adv_weight": 0.25},
+                                    {"segments": 1, "steps": 2, "adv_weight": 0.5}]})
+    t = Trainer(cfg, method_class("tscd"), None, max_steps=1, show_progress=False)
+    t.fit()
+    weights = [t.method.loss_weights(step) for step in range(6)]
+    assert [w["gan_g"] for w in weights] == [0.0, 0.0, 0.5, 0.5, 1.0, 1.0]
+    assert all(w["tscd"] == 1.0 and w["gan_d"] == 1.0 for w in weights)  # left out: the defaults
+
+
 # ---- smoke runs and export ------------------------------------------------------------------------------------
 def test_digits_smoke_run_exports_both_recipes(tmp_path):
     """Pixel digits with the adversarial term in the last stage; the student loads with the evaluator's
     load_student and samples with both recipes at 1, 2, 4 and 8 steps."""
-    from stepdistill.eval.loading import load_student
-    from stepdistill.eval.samplers import Conditions
-    from stepdistill.recipe import SamplingRecipe
+    from stepdistill.pipelines.loading import load_run as load_student
+    from stepdistill.pipelines.samplers import Conditions
+    from stepdistill.pipelines.plan import SamplingRecipe
 
     cfg = digits_config({"gan": {"hidden": 8}, "stages": [{"segments": 8, "steps": 2}, {"segments": 4, "steps": 2},
                                                           {"segments": 1, "steps": 2, "adv_weight": 0.5}]})

@@ -1,5 +1,5 @@
 """``stepdistill assets build NAME``: run an asset's recipe (its pretrain configs through the one
-:class:`~stepdistill.trainers.Trainer`, then its measurements) into a staging folder, write ``asset.json``
+:class:`~stepdistill.training.Trainer`, then its measurements) into a staging folder, write ``asset.json``
 and swap the folder in atomically, refusing when the shipped total would exceed the size budget."""
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ class Builder:
         import json
 
         from ..config import load_config
-        from ..trainers import Trainer, method_class
+        from ..registry import method_class
+        from ..training import Trainer
 
         all_overrides = [*overrides, *self.overrides]
         cfg = load_config(config_path(config), all_overrides)

@@ -3,32 +3,9 @@ data-free distillation). All randomness comes from the caller's generator, so ru
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from .base import DataSource, Sample
 
-import torch
-
-
-@dataclass
-class Sample:
-    """A batch of raw conditions and, where the source has real data, the matching clean samples."""
-
-    x0: torch.Tensor | None  # model space (latents for latent models); None for condition-only draws
-    labels: torch.Tensor | None = None  # class / digit ids
-    prompts: Sequence[str] | None = None
-
-
-class DataSource:
-    has_real: bool = True
-
-    def sample(self, n: int, generator: torch.Generator) -> Sample:
-        """Real samples with their conditions."""
-        raise NotImplementedError
-
-    def conditions(self, n: int, generator: torch.Generator) -> Sample:
-        """Conditions only (x0 = None)."""
-        s = self.sample(n, generator)
-        return Sample(None, s.labels, s.prompts)
+__all__ = ["DataSource", "Sample", "Toy2DSource", "build_data"]
 
 
 class Toy2DSource(DataSource):

@@ -9,7 +9,7 @@ import functools
 import numpy as np
 import torch
 
-from . import DataSource, Sample
+from .base import DataSource, Sample
 
 SPLIT_SEED = 20240601
 HELDOUT = 297  # 1,797 = 1,500 train + 297 held-out

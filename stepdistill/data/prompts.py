@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from ..errors import UsageError
-from . import DataSource, Sample
+from .base import DataSource, Sample
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATES = (

@@ -13,7 +13,7 @@ import torch
 from ..errors import UsageError
 from .features import ClassifierFeatures, FeatureExtractor
 from .reference import Reference, reference
-from .samplers import Conditions
+from ..pipelines.samplers import Conditions
 
 REFERENCE_SPLIT = "train"  # FID / precision / recall reference: the digits the teachers learned (1,500)
 

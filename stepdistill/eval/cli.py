@@ -176,14 +176,14 @@ def _clip_choice(args, device):
 
 
 def _entries(args, device, progress):
+    from ..pipelines.loading import hybrid_recipe, load_run, load_teacher
+    from ..pipelines.plan import SamplingRecipe
     from .evaluate import Entry
-    from .loading import load_student, load_teacher
-    from .samplers import SamplerSpec
 
     loaded = []
     if args.model is not None:
         loaded.append(load_teacher(args.model, device, benchmark=None if args.benchmark == "auto" else args.benchmark))
-    students = [load_student(r, device, recipe=args.recipe) for r in args.run or []]
+    students = [load_run(r, device, recipe=args.recipe) for r in args.run or []]
     loaded += students
     names = {x.benchmark for x in loaded}
     if args.benchmark != "auto":
@@ -197,20 +197,17 @@ def _entries(args, device, progress):
         teacher = loaded[0]
         guidance = args.guidance if args.guidance is not None else _default_guidance(teacher)
         for s in parse_steps(args.steps or DEFAULT_STEPS):
-            spec = SamplerSpec(scheduler=args.scheduler, num_inference_steps=s, guidance_scale=guidance, eta=args.eta)
+            spec = SamplingRecipe(scheduler=args.scheduler, num_inference_steps=s, guidance_scale=guidance, eta=args.eta)
             entries.append(Entry(f"teacher {spec.label()}", "teacher", teacher.sampler, spec, teacher.source))
     for r, st in zip(args.run or [], students):
         counts = parse_steps(args.steps) if args.steps and not st.spec.timesteps else [None]
         for s in counts:  # a student that samples at any step count (TSCD): one row per count
-            spec = st.spec if s is None else st.spec.model_copy(update={"num_inference_steps": s, "timesteps": None})
+            spec = st.spec if s is None else st.spec.with_steps(s)
             entries.append(Entry(f"{Path(r).name} {spec.label()}", st.method, st.sampler, spec, st.source))
-        if args.hybrid_base_steps:
-            from .loading import load_hybrid
-
-            hy = load_hybrid(r, device, args.hybrid_base_steps, args.hybrid_mode, args.hybrid_base_guidance,
-                             recipe=args.recipe, base_scheduler=args.hybrid_base_scheduler)
-            entries.append(Entry(f"{Path(r).name} {hy.sampler.label(hy.spec)}", hy.method, hy.sampler, hy.spec,
-                                 hy.source))
+        if args.hybrid_base_steps:  # the same networks, the teacher in front (a two-segment plan)
+            spec = hybrid_recipe(st.sampler, st.spec, args.hybrid_base_steps, args.hybrid_mode,
+                                 args.hybrid_base_guidance, args.hybrid_base_scheduler)
+            entries.append(Entry(f"{Path(r).name} {spec.label()}", "hybrid", st.sampler, spec, st.source))
     return bench, entries
 
 

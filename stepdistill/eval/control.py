@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..errors import UsageError
-from .samplers import Conditions, HybridSampler, PipelineSampler, Sampler
+from ..pipelines.samplers import Conditions, PipelineSampler, Sampler
 
 CONTROL = "control"
 
@@ -23,54 +23,33 @@ def mean_ink(images: torch.Tensor) -> torch.Tensor:
     return images.float().mean(dim=(1, 2, 3))
 
 
-def pipelines_of(sampler: Sampler) -> list:
-    if isinstance(sampler, HybridSampler):
-        return pipelines_of(sampler.base) + pipelines_of(sampler.distilled)
-    if isinstance(sampler, PipelineSampler):
-        return [sampler.pipe]
-    raise UsageError(f"control LoRAs stack on Diffusers pipelines (load_lora_weights / set_adapters); a "
-                     f"{type(sampler).__name__} has none")
+def _pipeline_sampler(sampler: Sampler) -> PipelineSampler:
+    if not isinstance(sampler, PipelineSampler):
+        raise UsageError(f"control LoRAs stack on Diffusers pipelines (load_lora_weights / set_adapters); a "
+                         f"{type(sampler).__name__} has none")
+    return sampler
 
 
 def load_control(sampler: Sampler, lora_dir: str | Path, name: str = CONTROL) -> None:
-    """Load the control LoRA into every pipeline of ``sampler`` as adapter ``name`` (beside any student LoRA)."""
-    for pipe in pipelines_of(sampler):
-        before = _adapters(pipe)
-        if name not in before:
+    """Load the control LoRA into every pipeline of ``sampler`` as adapter ``name`` (beside any student LoRA); it
+    stays off until :func:`control` stacks it."""
+    for pipe in _pipeline_sampler(sampler).pipes:
+        if name not in (getattr(pipe.unet, "peft_config", None) or {}):
             pipe.load_lora_weights(str(lora_dir), adapter_name=name)
-        _only(pipe, before, [1.0] * len(before))
-
-
-def _adapters(pipe) -> list[str]:
-    return list(getattr(pipe.unet, "peft_config", {}) or {})
-
-
-def _only(pipe, names: list[str], weights: list[float]) -> None:
-    """Exactly these adapters active at these weights (none: LoRA off)."""
-    if names:
-        pipe.enable_lora()
-        pipe.set_adapters(names, weights)
-    else:
-        pipe.disable_lora()
 
 
 @contextlib.contextmanager
 def control(sampler: Sampler, weight: float, name: str = CONTROL) -> Iterator[None]:
-    """Every pipeline's own adapters (a student LoRA) at 1, stacked with the control adapter at ``weight``
-    (``set_adapters``; 0: the control is off), restored afterwards."""
-    pipes = pipelines_of(sampler)
+    """The control adapter at ``weight`` stacked on every network the plan runs (0: off), restored afterwards."""
+    ps = _pipeline_sampler(sampler)
+    if any(name not in (getattr(p.unet, "peft_config", None) or {}) for p in ps.pipes):
+        raise UsageError(f"control adapter {name!r} is not loaded; call load_control first")
+    before = dict(ps.stack)
+    ps.stack = {**before, name: weight} if weight else {k: v for k, v in before.items() if k != name}
     try:
-        for pipe in pipes:
-            own = [a for a in _adapters(pipe) if a != name]
-            if name not in _adapters(pipe):
-                raise UsageError(f"control adapter {name!r} is not loaded; call load_control first")
-            names, weights = (own + [name], [1.0] * len(own) + [weight]) if weight else (own, [1.0] * len(own))
-            _only(pipe, names, weights)
         yield
     finally:
-        for pipe in pipes:
-            own = [a for a in _adapters(pipe) if a != name]
-            _only(pipe, own, [1.0] * len(own))
+        ps.stack = before
 
 
 @torch.no_grad()

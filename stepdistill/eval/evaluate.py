@@ -18,8 +18,9 @@ from .diversity import diversity
 from .features import Recorder
 from .fid import fid_metric
 from .precision_recall import precision_recall
-from .samplers import Sampler, SamplerSpec, count_calls, seeds_for
-from .speed import SpeedMeter
+from ..pipelines.plan import SamplingRecipe
+from ..pipelines.samplers import Sampler, seeds_for
+from .speed import SpeedMeter, count_calls
 
 GRID_SAMPLES = 100
 
@@ -31,7 +32,7 @@ class Entry:
     name: str
     method: str  # teacher | the training method of a student
     sampler: Sampler
-    spec: SamplerSpec
+    spec: SamplingRecipe
     model: str  # what was loaded
 
 
@@ -63,7 +64,7 @@ def evaluate_entry(bench: Benchmark, entry: Entry, out_dir: Path, num_samples: i
         for start in range(0, num_samples, batch_size):
             stop = min(start + batch_size, num_samples)
             c, seeds = conds.slice(start, stop), seeds_for(seed, start, stop)
-            with count_calls(*getattr(entry.sampler, "nets", [entry.sampler.net])) as rows:
+            with count_calls(*entry.sampler.nets) as rows:
                 x = meter.time(lambda: entry.sampler(entry.spec, c, seeds), len(seeds))
             nfe = nfe if nfe is not None else rows[0] / len(seeds)
             if entry.sampler.output == "points":
@@ -102,7 +103,7 @@ def _x0_trajectory(bench, entry, out_dir, conds, seeds) -> dict:
     """x0 grid, per-step feature distance to the final image and settle step of a few samples."""
     from .trajectory import feature_distances, save_x0_grid, settle_step, trace, traceable
 
-    if not traceable(entry.sampler):
+    if not traceable(entry.sampler, entry.spec):
         return {}
     traj = trace(entry.sampler, entry.spec, conds, seeds)
     path = save_x0_grid(traj, out_dir / "x0" / f"{slug(entry.name)}.png")

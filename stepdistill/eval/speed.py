@@ -3,9 +3,11 @@ memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process's peak resid
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -88,3 +90,23 @@ class SpeedMeter:
         else:
             peak, kind = self._peak, "cpu_peak_rss"
         return Speed(self.batch_size, 1000 * t / n, n / t, None if peak is None else float(peak), kind)
+
+
+@contextlib.contextmanager
+def count_calls(*nets: torch.nn.Module) -> Iterator[list[int]]:
+    """Counts the rows the networks are evaluated on (``[rows]``): NFE per image = rows / images; a batched
+    classifier-free-guidance call on 2B rows counts as 2 evaluations per image. Several networks (a hybrid's
+    base and distilled model) add up; a network passed twice counts once."""
+    rows = [0]
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs.get("sample", kwargs.get("x"))
+        rows[0] += int(x.shape[0]) if isinstance(x, torch.Tensor) and x.ndim > 0 else 1
+
+    unique = list({id(n): n for n in nets}.values())
+    handles = [n.register_forward_pre_hook(hook, with_kwargs=True) for n in unique]
+    try:
+        yield rows
+    finally:
+        for h in handles:
+            h.remove()

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from ..errors import UsageError
-from .samplers import Conditions, DenoiserSampler, HybridSampler, PipelineSampler, Sampler
+from ..pipelines.samplers import Conditions, DenoiserSampler, PipelineSampler, Sampler
 
 SETTLE_TOL = 0.05  # cosine feature distance under which a step's x0 counts as the final layout
 
@@ -20,7 +20,7 @@ SETTLE_TOL = 0.05  # cosine feature distance under which a step's x0 counts as t
 @dataclass
 class Trajectory:
     timesteps: list[int]  # per step
-    models: list[str]  # per step: 'model' (one-model samplers), 'base' or 'distilled' (hybrid)
+    models: list[str]  # per step: the network that ran it (teacher, student, an expert ...)
     x0: list[torch.Tensor]  # per step: decoded x0-predictions, images in [0, 1] (B, C, H, W)
     final: torch.Tensor  # the sampler's output (B, C, H, W)
 
@@ -29,18 +29,20 @@ class Trajectory:
         return len(self.x0)
 
 
-def traceable(sampler: Sampler) -> bool:
-    return isinstance(sampler, (DenoiserSampler, PipelineSampler, HybridSampler)) and sampler.output == "images"
+def traceable(sampler: Sampler, spec=None) -> bool:
+    return isinstance(sampler, (DenoiserSampler, PipelineSampler)) and sampler.output == "images" and \
+        (spec is None or spec.router is None)
 
 
 def trace(sampler: Sampler, spec, conds: Conditions, seeds: Sequence[int]) -> Trajectory:
     """Sample with ``sampler`` and keep each step's x0-prediction (stock pipelines are traced through the same
     networks as Denoisers, ``PipelineSampler.denoiser_sampler``)."""
-    if not traceable(sampler):
-        raise UsageError(f"cannot trace x0 predictions of a {type(sampler).__name__} with {sampler.output} output")
+    if not traceable(sampler, spec):
+        raise UsageError(f"cannot trace x0 predictions of a {type(sampler).__name__} with {sampler.output} output "
+                         f"or of a routed plan")
     if isinstance(sampler, PipelineSampler):
         sampler = sampler.denoiser_sampler()
-    decode = sampler._denoiser_samplers()[1].images if isinstance(sampler, HybridSampler) else sampler.images
+    decode = sampler.images
     steps: list[tuple[int, str, torch.Tensor]] = []
 
     def record(i, t, x, x0, model):

@@ -8,7 +8,7 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 from ..denoisers import Denoiser
-from ..models import ClassConditioner
+from ..conditioners import ClassConditioner
 from ..schedules import NoiseSchedule
 from .sampling import sample
 

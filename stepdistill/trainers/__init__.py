@@ -1,28 +1,10 @@
-"""Trainers: the shared loop (``base``) and one module per method."""
+"""Distillation methods, one module each (``dmd``, ``tscd``; ``denoising`` trains teachers and LoRAs), and
+what they share (``common.py``, DMD's terms in ``dmd_terms.py``). The loop and the Method API are
+:mod:`stepdistill.training`, re-exported here; methods register in :mod:`stepdistill.registry`."""
 
 from __future__ import annotations
 
-from .base import Context, Method, Phase, Trainer
-
-
-# method.name -> "module:Class"; one line per method (imported lazily)
-METHODS: dict[str, str] = {
-    "denoising": "stepdistill.trainers.denoising:DenoisingMethod",
-    "dmd": "stepdistill.trainers.dmd:DMDMethod",
-    "tscd": "stepdistill.trainers.tscd:TSCDMethod",
-    "classifier": "stepdistill.trainers.classifier:ClassifierMethod",
-    "vae": "stepdistill.trainers.vae:VAEMethod",
-    "clip_text": "stepdistill.trainers.clip_text:ClipTextMethod",
-    "open_clip": "stepdistill.trainers.openclip:OpenClipMethod",
-}
-
-
-def method_class(name: str) -> type[Method]:
-    """The Method class registered for a config's ``method.name``."""
-    import importlib
-
-    module, _, cls = METHODS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
-
+from ..registry import method_class
+from ..training import Context, Method, Phase, Trainer
 
 __all__ = ["Context", "Method", "Phase", "Trainer", "method_class"]

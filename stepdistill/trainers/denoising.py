@@ -5,15 +5,29 @@ trains LoRAs on a pretrained model (e.g. a 'control' LoRA). Prediction type foll
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field
 
 from .. import losses as L
+from ..config import LoRAConfig, MethodConfig
 from ..data import build_data
 from ..denoisers import Cond
-from ..lora import add_lora, save_peft_lora
-from ..models import load_bundle, save_network
-from .base import Method, Phase
+from ..lora import add_lora
+from ..models import load_bundle
+from ..pipelines.artifact import export_student
+from ..pipelines.plan import SamplingRecipe
+from ..training import Method, Phase
+
+
+class DenoisingConfig(MethodConfig):
+    """Plain diffusion training (pretrains teachers; trains control LoRAs)."""
+
+    name: Literal["denoising"] = "denoising"
+    cond_dropout: float = Field(0.1, ge=0, le=1, description="share of null conditions, for CFG")
+    lora: LoRAConfig | None = Field(None, description="train a LoRA on the pretrained model instead")
+    loss_weights: dict[str, float] = Field(default_factory=lambda: {"denoise": 1.0})
 
 
 def drop_conditions(cond: Cond, drop: torch.Tensor) -> Cond:
@@ -35,6 +49,7 @@ def drop_conditions(cond: Cond, drop: torch.Tensor) -> Cond:
 class DenoisingMethod(Method):
     name = "denoising"
     kind = "pretrain"
+    config = DenoisingConfig
     export_network = "model"
 
     def __init__(self, cfg, ctx):
@@ -76,13 +91,16 @@ class DenoisingMethod(Method):
         target = self.bundle.schedule.target(x0, eps, t, self.denoiser.prediction_type)
         return {"denoise": L.mse(pred.float(), target.float())}
 
-    def export(self, out_dir: Path) -> None:
-        if self.cfg.method.lora is not None:
-            if self.bundle.kind in ("sd", "sdxl"):
-                from ..lora import save_diffusers_lora
+    # -- artifacts: the trained network (a new base model, or a LoRA on one) and how to sample it -------------
+    def student_networks(self):
+        from types import SimpleNamespace
 
-                save_diffusers_lora(self.net, "default", out_dir)
-            else:
-                save_peft_lora(self.net, "default", out_dir)
-            return
-        save_network(self.bundle, self.net, out_dir, self.denoiser.prediction_type)
+        adapter = "default" if self.cfg.method.lora is not None else None
+        return {"student": SimpleNamespace(module=self.net, adapter=adapter, denoiser=self.denoiser)}
+
+    def recipe(self) -> SamplingRecipe:
+        return SamplingRecipe(scheduler="DDIMScheduler", num_inference_steps=50, guidance_scale=1.0,
+                              method=self.name, prediction_type=self.denoiser.prediction_type)
+
+    def export(self, out_dir: Path) -> None:
+        export_student(self.bundle, self.student_networks(), out_dir, self.recipe(), whole_pipelines=True)

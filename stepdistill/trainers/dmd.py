@@ -5,34 +5,68 @@ loss_dm = 0.5 ||x - sg(x - g)||^2 with g = (f - r) / mean|x - r| from the teache
 and the fake score's f at a random t in [0.02 T, 0.98 T]; optional GAN generator term on the fake
 score's bottleneck and DMD1 regression to cached teacher DDIM outputs.
 Fake-score step (every step): denoising loss on fresh detached student samples; optional GAN head
-trained on noisy real vs generated samples. Methods built on DMD call these pieces, not this class.
+trained on noisy real vs generated samples. The terms are free functions (``dmd_terms.py``) that methods
+built on DMD call too.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 
 from .. import losses as L
+from ..config import GANConfig, MethodConfig, RegressionConfig, StudentNetConfig
 from ..data import build_data
-from ..denoisers import frozen
 from ..errors import UsageError
-from ..export import SamplingRecipe, export_student
-from ..gan import GANHead, feature_channels, predict_with_features
+from ..gan import GANHead, feature_channels
 from ..generators import FewStepGenerator
 from ..models import load_bundle
-from .base import Method, Phase
+from ..pipelines.plan import SamplingRecipe
+from ..training import Method, Phase
 from .common import RegressionPairs, draw_conditions, make_trainable, teacher_view
+from .dmd_terms import distribution_matching_loss, fake_score_loss, gan_discriminator_loss, gan_generator_loss
 
 PAIRS_FILE = "regression_pairs.safetensors"
+
+
+class DMDConfig(MethodConfig):
+    """Distribution Matching Distillation (DMD, Yin et al. 2023; DMD2, Yin et al. 2024)."""
+
+    name: Literal["dmd"] = "dmd"
+    timesteps: list[int] = Field([999], min_length=1, description="student timesteps, decreasing; one entry "
+                                                                  "= a one-step generator at that timestep")
+    real_guidance: float = Field(1.0, description="CFG scale of the teacher's real score (<= 1: none)")
+    student_every: int = Field(5, ge=1, description="two time-scale rule: a student step every N-th step "
+                                                    "(the fake score updates every step)")
+    fake_repeats: int = Field(1, ge=1, description="fake-score updates per step")
+    min_t: float = Field(0.02, ge=0, lt=1, description="DM loss timesteps ~ U[min_t T, max_t T]")
+    max_t: float = Field(0.98, gt=0, le=1)
+    student: StudentNetConfig = StudentNetConfig()
+    fake_score: StudentNetConfig = StudentNetConfig()
+    shared_base: bool = Field(True, description="when student and fake score are both LoRAs: one frozen base "
+                                                "carries both adapters and serves as the teacher (adapters off)")
+    gan: GANConfig | None = Field(None, description="DMD2's GAN term (needs real data)")
+    regression: RegressionConfig | None = Field(None, description="DMD1's regression term")
+    loss_weights: dict[str, float] = Field(default_factory=lambda: {
+        "dm": 1.0, "fake": 1.0, "reg": 0.25, "gan_g": 3e-3, "gan_d": 1e-2})
+
+    @model_validator(mode="after")
+    def _check(self):
+        if any(a <= b for a, b in zip(self.timesteps, self.timesteps[1:])):
+            raise ValueError(f"timesteps must be strictly decreasing, got {self.timesteps}")
+        if self.min_t >= self.max_t:
+            raise ValueError("min_t must be below max_t")
+        return self
 
 
 class DMDMethod(Method):
     name = "dmd"
     kind = "distill"
+    config = DMDConfig
     export_network = "student"
 
     def __init__(self, cfg, ctx):
@@ -81,12 +115,6 @@ class DMDMethod(Method):
         return [Phase("student", ("student",), every=mc.student_every),
                 Phase("fake_score", fake_nets, repeats=mc.fake_repeats)]
 
-    def loss_weights(self):
-        w = dict(self.cfg.method.loss_weights)
-        for key in ("dm", "fake", "reg", "gan_g", "gan_d"):
-            w.setdefault(key, 0.0)
-        return w
-
     # -- data ---------------------------------------------------------------------------------------
     def _regression_pairs(self) -> RegressionPairs:
         rc = self.cfg.method.regression
@@ -115,7 +143,7 @@ class DMDMethod(Method):
         z = self.ctx.randn(n, *self.bundle.sample_shape)
         k = int(torch.randint(0, self.generator.num_steps, (1,), generator=g))
         out = {"z": z, "cond": cond, "k": k}
-        if phase == "student" and self.pairs is not None and self.loss_weights()["reg"] > 0:
+        if phase == "student" and self.pairs is not None and self.cfg.method.loss_weights["reg"] > 0:
             rn = self.cfg.method.regression.batch_size or n
             zr, yr, labels, prompts = self.pairs.batch(rn, g)
             out["reg"] = (zr.to(self.ctx.device), yr.to(self.ctx.device),
@@ -125,63 +153,41 @@ class DMDMethod(Method):
             out["real"] = (real.x0.to(self.ctx.device), self.bundle.conditioner.encode(real.labels, real.prompts))
         return out
 
-    # -- losses -------------------------------------------------------------------------------------
-    def _noise(self, x: torch.Tensor, low: int, high: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        t = self.ctx.randint(low, high + 1, (x.shape[0],))
-        eps = self.ctx.randn_like(x)
-        return self.bundle.schedule.add_noise(x, eps, t), t, eps
-
+    # -- losses (the terms are dmd_terms' free functions) ----------------------------------------------
     def losses(self, batch, phase):
         return self.student_losses(batch) if phase == "student" else self.fake_losses(batch)
 
     def student_losses(self, batch) -> dict[str, torch.Tensor]:
-        mc, w = self.cfg.method, self.loss_weights()
+        mc = self.cfg.method
         cond = batch["cond"]
         x, _ = self.generator(batch["z"], cond, batch["k"], self.ctx.randn_like)
-        out = {"dm": self.dm_loss(x, cond)}
-        if self.head is not None and w["gan_g"] > 0:
-            x_t, t, _ = self._noise(x, 0, self.bundle.schedule.num_train_timesteps - 1)
-            with frozen(self.fake.module, self.head):
-                _, feats = predict_with_features(self.fake.denoiser, x_t, t, cond)
-                out["gan_g"] = L.gan_generator(self.head(feats))
+        out = {"dm": distribution_matching_loss(x, cond, self.teacher, self.fake.denoiser, self.ctx, self.t_range,
+                                                mc.real_guidance)}
+        if self.head is not None and mc.loss_weights["gan_g"] > 0:
+            out["gan_g"] = gan_generator_loss(self.fake.denoiser, self.head, x, cond, self.ctx)
         if "reg" in batch:
             zr, yr, cond_r = batch["reg"]
             out["reg"] = L.mse(self.generator.denoise(zr, mc.timesteps[0], cond_r).float(), yr.float())
         return out
-
-    def dm_loss(self, x: torch.Tensor, cond) -> torch.Tensor:
-        """DMD's distribution-matching loss for generator samples ``x`` (gradients flow into x only)."""
-        with torch.no_grad():
-            x_t, t, _ = self._noise(x.detach(), *self.t_range)
-            real = self.teacher.x0(x_t, t, cond, self.cfg.method.real_guidance)
-            fake = self.fake.denoiser.x0(x_t, t, cond)
-            grad = L.dmd_gradient(x, real, fake)
-        return L.distribution_matching(x, grad)
 
     def fake_losses(self, batch) -> dict[str, torch.Tensor]:
         cond = batch["cond"]
         with torch.no_grad():
             x, _ = self.generator(batch["z"], cond, batch["k"], self.ctx.randn_like)
         x = x.detach()
-        x_t, t, eps = self._noise(x, 0, self.bundle.schedule.num_train_timesteps - 1)
-        fake = self.fake.denoiser
-        target = self.bundle.schedule.target(x, eps, t, fake.prediction_type)
         if self.head is None:
-            return {"fake": L.mse(fake.predict(x_t, t, cond).float(), target.float())}
-        pred, feats_fake = predict_with_features(fake, x_t, t, cond)
-        real, cond_real = batch["real"]
-        real_t, t_r, _ = self._noise(real, 0, self.bundle.schedule.num_train_timesteps - 1)
-        _, feats_real = predict_with_features(fake, real_t, t_r, cond_real)
-        return {"fake": L.mse(pred.float(), target.float()),
-                "gan_d": L.gan_discriminator(self.head(feats_real), self.head(feats_fake))}
+            return {"fake": fake_score_loss(self.fake.denoiser, x, cond, self.ctx)}
+        fake, features = fake_score_loss(self.fake.denoiser, x, cond, self.ctx, features=True)
+        real, real_cond = batch["real"]
+        return {"fake": fake,
+                "gan_d": gan_discriminator_loss(self.fake.denoiser, self.head, features, real, real_cond, self.ctx)}
 
     # -- artifacts ----------------------------------------------------------------------------------
+    def student_networks(self):
+        return {"student": self.student}
+
     def recipe(self) -> SamplingRecipe:
         ts = list(self.cfg.method.timesteps)
         return SamplingRecipe(scheduler="LCMScheduler", num_inference_steps=len(ts), timesteps=ts,
                               guidance_scale=1.0, method=self.name,
                               prediction_type=self.student.denoiser.prediction_type)
-
-    def export(self, out_dir: Path) -> None:
-        export_student(self.bundle, self.student.module, out_dir, self.recipe(), adapter=self.student.adapter,
-                       prediction_type=self.student.denoiser.prediction_type)

@@ -14,33 +14,83 @@ re-synced to the student when a stage starts); the stage index is checkpointed. 
 the student a consistency model to the clean end, so one LoRA samples at 1..8 steps with stock
 ``TCDScheduler`` (the exported recipe) or ``DDIMScheduler(timestep_spacing="trailing")`` (the alternative).
 Optional adversarial term (Hyper-SD weights it up as k shrinks): the GAN head of ``gan.py`` on the frozen
-teacher's mid-block features tells the student's x_e from real data noised to the same edge; the head trains
-in every stage, the student's term has a weight per stage (``adv_weight``).
+teacher's mid-block features tells the student's x_e (drawn afresh, without gradient, in the discriminator's
+own batch) from real data noised to the same edge; the head trains in every stage, the student's term
+``gan_g`` is weighted per stage (``loss_weights(step)``: ``gan_g`` times the stage's ``adv_weight``).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from bisect import bisect_right
 from itertools import accumulate
-from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 
 from .. import losses as L
+from ..config import GANConfig, MethodConfig, Strict, StudentNetConfig
 from ..data import build_data
 from ..denoisers import Cond, Denoiser, frozen
 from ..errors import UsageError
-from ..export import SamplingRecipe, export_student
 from ..gan import GANHead, feature_channels, feature_module, predict_with_features
 from ..generators import tcd_sample
 from ..models import load_bundle
+from ..pipelines.plan import SamplingRecipe
 from ..schedules import lower_edge, segment_edges, solver_target_timestep, trailing_timesteps, tscd_timesteps
-from .base import Method, Phase
+from ..training import Method, Phase
 from .common import draw_conditions, ema_update, make_target, make_trainable, teacher_view
 
 DDIM_TRAILING_RECIPE = "sampling_ddim_trailing.json"
 STAGES_FILE = "stages.json"  # RUN/stages.json: segments, steps and wall-clock seconds of each finished stage
+
+
+class TSCDStage(Strict):
+    """One stage of progressive TSCD: the trajectory split into ``segments`` equal segments for ``steps`` steps."""
+
+    segments: int = Field(..., ge=1, le=1000)
+    steps: int = Field(..., ge=1, description="optimisation steps of this stage")
+    adv_weight: float = Field(0.0, ge=0, description="weight of the adversarial term in this stage (needs "
+                                                     "method.gan, whose head trains in every stage); Hyper-SD "
+                                                     "raises it as segments shrink")
+
+
+class TSCDConfig(MethodConfig):
+    """Trajectory-segmented consistency distillation (Hyper-SD, Ren et al. 2024, Sec. 3.1): consistency
+    distillation inside k equal segments, k = 8 -> 4 -> 2 -> 1 in one run; one student for 1..8 steps."""
+
+    name: Literal["tscd"] = "tscd"
+    teacher_steps: int = Field(50, ge=2, description="N of the teacher's DDIM solver grid (skip interval T // N)")
+    stages: list[TSCDStage] = Field(
+        default_factory=lambda: [TSCDStage(segments=k, steps=250) for k in (8, 4, 2, 1)], min_length=1,
+        description="in order; their steps must add up to train.steps")
+    guidance_min: float = Field(1.0, ge=1.0, description="teacher CFG scale w ~ U[guidance_min, guidance_max] "
+                                                         "per sample, baked into the student")
+    guidance_max: float = Field(1.0, ge=1.0)
+    loss: Literal["huber", "l2"] = "huber"
+    huber_c: float = Field(1e-3, gt=0, description="pseudo-Huber c (LCM uses 0.001)")
+    target_decay: float = Field(0.95, ge=0, lt=1, description="EMA decay of the target network (0: the student "
+                                                              "itself, without gradient)")
+    x0_source: Literal["auto", "data", "student"] = Field(
+        "auto", description="clean samples noised to x_t: real data, or (data-free) the target network's "
+                            "k-step samples; auto: data when the data source has real samples")
+    student: StudentNetConfig = StudentNetConfig()
+    gan: GANConfig | None = Field(None, description="adversarial term: a head on the frozen teacher's mid-block "
+                                                    "features, real data noised to the segment edge")
+    sampler_steps: int = Field(4, ge=1, description="num_inference_steps of the exported recipes")
+    eta: float = Field(0.3, ge=0, le=1, description="TCDScheduler eta (gamma) of the exported recipe")
+    loss_weights: dict[str, float] = Field(default_factory=lambda: {"tscd": 1.0, "gan_g": 1.0, "gan_d": 1.0},
+                                           description="gan_g is scaled by the adv_weight of each stage")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.guidance_min > self.guidance_max:
+            raise ValueError("guidance_min must not exceed guidance_max")
+        if self.gan is None and any(s.adv_weight > 0 for s in self.stages):
+            raise ValueError("a stage has adv_weight > 0 but method.gan is null; set method.gan: {hidden: 64}")
+        return self
 
 
 @torch.no_grad()
@@ -60,6 +110,7 @@ def consistency_target(target: Denoiser, x_prev: torch.Tensor, t_prev: torch.Ten
 class TSCDMethod(Method):
     name = "tscd"
     kind = "distill"
+    config = TSCDConfig
     export_network = "student"
 
     def __init__(self, cfg, ctx):
@@ -87,7 +138,6 @@ class TSCDMethod(Method):
             raise UsageError(f"method.x0_source=data but data {cfg.data.name!r} has no real samples; use "
                              f"x0_source: student (data-free) or an image dataset")
         self.head = self._gan_head() if mc.gan is not None else None
-        self._fake: tuple[torch.Tensor, torch.Tensor, Cond] | None = None  # last student x_e, for the discriminator
         self.steps_done = 0
         self.finished: list[dict] = []  # one record per finished stage (STAGES_FILE)
         self._enter_stage(0)
@@ -128,7 +178,6 @@ class TSCDMethod(Method):
         if self.stage_index + 1 < len(self.stage_ends):
             self._enter_stage(self.stage_index + 1)
             ema_update(self.target, self.student, 0.0)  # the new stage starts from the student's weights
-            self._fake = None
 
     def _finish_stage(self) -> None:
         self.finished.append({"stage": self.stage_index, "segments": self.stage.segments, "steps": self.stage.steps,
@@ -172,22 +221,27 @@ class TSCDMethod(Method):
             phases.append(Phase("discriminator", ("gan_head",)))
         return phases
 
-    def loss_weights(self):
-        w = dict(self.cfg.method.loss_weights)
-        for key in ("tscd", "gan_g", "gan_d"):
-            w.setdefault(key, 1.0)
+    def loss_weights(self, step):
+        w = super().loss_weights(step)
+        stage = min(bisect_right(self.stage_ends, step), len(self.stage_ends) - 1)  # the stage `step` is in
+        w["gan_g"] = self._adv_weight(stage)
         return w
+
+    def _adv_weight(self, stage: int) -> float:
+        """The student's adversarial weight in ``stage``: ``loss_weights.gan_g`` times the stage's adv_weight."""
+        mc = self.cfg.method
+        return mc.loss_weights["gan_g"] * mc.stages[stage].adv_weight
 
     # -- data ---------------------------------------------------------------------------------------
     def batch(self, phase):
-        n, g, mc = self.cfg.train.batch_size, self.ctx.generator, self.cfg.method
         if phase == "discriminator":
-            if self._fake is None:
-                return None
-            real = self.data.sample(len(self._fake[0]), g)
-            x0 = real.x0.to(self.ctx.device)
-            return {"fake": self._fake, "real": x0, "real_cond": self.bundle.conditioner.encode(real.labels, real.prompts),
-                    "eps": self.ctx.randn_like(x0)}
+            return self._discriminator_batch()
+        return self._draw(self.cfg.train.batch_size, guidance=True)
+
+    def _draw(self, n: int, guidance: bool) -> dict:
+        """Clean samples and their conditions, training timesteps, noise and (``guidance``) the teacher's CFG
+        scales w ~ U[guidance_min, guidance_max] (None: no guidance)."""
+        g, mc = self.ctx.generator, self.cfg.method
         if self.x0_source == "data":
             s = self.data.sample(n, g)
             x0, cond = s.x0.to(self.ctx.device), self.bundle.conditioner.encode(s.labels, s.prompts)
@@ -196,9 +250,19 @@ class TSCDMethod(Method):
             x0 = self._own_samples(cond, n)
         t = self.timesteps[self.ctx.randint(0, len(self.timesteps), (n,))]
         w = None
-        if mc.guidance_max > 1.0:
+        if guidance and mc.guidance_max > 1.0:
             w = mc.guidance_min + (mc.guidance_max - mc.guidance_min) * self.ctx.rand(n)
         return {"x0": x0, "cond": cond, "t": t, "eps": self.ctx.randn_like(x0), "w": w}
+
+    def _discriminator_batch(self) -> dict:
+        """The student's x_e on a fresh draw (no gradient) and real data with the noise that takes it to e."""
+        b = self._draw(self.cfg.train.batch_size, guidance=False)
+        with torch.no_grad():
+            _, edge, fake = self._edge_point(b)
+        real = self.data.sample(len(fake), self.ctx.generator)
+        x0 = real.x0.to(self.ctx.device)
+        return {"fake": fake, "edge": edge, "cond": b["cond"], "real": x0,
+                "real_cond": self.bundle.conditioner.encode(real.labels, real.prompts), "eps": self.ctx.randn_like(x0)}
 
     def _own_samples(self, cond: Cond, n: int) -> torch.Tensor:
         """Data-free x0: the target network's k-step segment-to-segment DDIM samples (k of this stage)."""
@@ -207,19 +271,23 @@ class TSCDMethod(Method):
         return tcd_sample(self.target.denoiser, z, cond, ts, 0.0, self.ctx.randn_like)
 
     # -- losses -------------------------------------------------------------------------------------
+    def _edge_point(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t, e, x_e): the batch noised to t, the lower edge e of t's segment and the student's point on it,
+        the DDIM jump of its own (x0, eps) at (x_t, t) down to e."""
+        sched, t, cond = self.bundle.schedule, batch["t"], batch["cond"]
+        x_t = sched.add_noise(batch["x0"], batch["eps"], t)
+        edge = lower_edge(t, self.edges)
+        x0_s, eps_s = self.student.denoiser.x0_eps(x_t, t, cond)
+        return x_t, edge, sched.ddim_jump(x0_s, eps_s, edge)  # (B, ...)
+
     def losses(self, batch, phase):
-        if phase == "discriminator":
-            return {} if batch is None else self.discriminator_losses(batch)
-        return self.student_losses(batch)
+        return self.discriminator_losses(batch) if phase == "discriminator" else self.student_losses(batch)
 
     def student_losses(self, batch) -> dict[str, torch.Tensor]:
         mc, sched = self.cfg.method, self.bundle.schedule
         cond, t = batch["cond"], batch["t"]
-        x_t = sched.add_noise(batch["x0"], batch["eps"], t)
-        edge = lower_edge(t, self.edges)
+        x_t, edge, pred = self._edge_point(batch)
         t_prev = solver_target_timestep(t, self.skip, self.edges)
-        x0_s, eps_s = self.student.denoiser.x0_eps(x_t, t, cond)
-        pred = sched.ddim_jump(x0_s, eps_s, edge)  # (B, ...) the student's point on the segment edge
         with torch.no_grad():
             x0_T, eps_T = self.teacher.x0_eps(x_t, t, cond, batch["w"])
             x_prev = sched.ddim_jump(x0_T, eps_T, t_prev)
@@ -229,42 +297,41 @@ class TSCDMethod(Method):
         else:
             out = {"tscd": L.mse(pred.float(), target.float())}
         out["log/segments"] = torch.tensor(float(self.stage.segments))
-        if self.head is not None:  # the discriminator learns in every stage; the student feels it per stage weight
-            self._fake = (pred.detach(), edge, cond)
-            if self.stage.adv_weight > 0:
-                with frozen(self.head):
-                    _, feats = predict_with_features(self.teacher, pred, edge.clamp(min=0), cond)
-                    out["gan_g"] = self.stage.adv_weight * L.gan_generator(self.head(feats))
+        if self.head is not None and self._adv_weight(self.stage_index) > 0:  # weighted per stage: loss_weights
+            with frozen(self.head):
+                _, feats = predict_with_features(self.teacher, pred, edge.clamp(min=0), cond)
+                out["gan_g"] = L.gan_generator(self.head(feats))
         return out
 
     def discriminator_losses(self, batch) -> dict[str, torch.Tensor]:
         """GAN head: the student's x_e vs real data noised to the same edges, both read through the frozen teacher."""
-        fake, edge, cond = batch["fake"]
+        edge = batch["edge"]
         real = self.bundle.schedule.add_noise(batch["real"], batch["eps"], edge)
         t_d = edge.clamp(min=0)
         with torch.no_grad():
-            _, feats_fake = predict_with_features(self.teacher, fake, t_d, cond)
+            _, feats_fake = predict_with_features(self.teacher, batch["fake"], t_d, batch["cond"])
             _, feats_real = predict_with_features(self.teacher, real, t_d, batch["real_cond"])
         return {"gan_d": L.gan_discriminator(self.head(feats_real), self.head(feats_fake))}
 
     # -- artifacts ----------------------------------------------------------------------------------
-    def recipes(self) -> tuple[SamplingRecipe, dict[str, SamplingRecipe]]:
-        """The unified student's recipes: stock TCDScheduler (eta = method.eta) and DDIM with trailing spacing;
-        both without CFG (guidance 1: it is baked in). Any step count 1..8 works: change num_inference_steps."""
+    def student_networks(self):
+        return {"student": self.student}
+
+    def recipe(self) -> SamplingRecipe:
+        """The unified student's recipe: stock TCDScheduler (eta = method.eta), without CFG (guidance 1: it is
+        baked in). Any step count 1..8 works: change num_inference_steps."""
         mc = self.cfg.method
-        common = dict(num_inference_steps=mc.sampler_steps, guidance_scale=1.0, method=self.name,
-                      prediction_type=self.student.denoiser.prediction_type,
-                      stages=[s.segments for s in mc.stages], teacher_steps=mc.teacher_steps)
-        tcd = SamplingRecipe(scheduler="TCDScheduler", scheduler_kwargs={"original_inference_steps": mc.teacher_steps},
-                             eta=mc.eta, **common)
+        return SamplingRecipe(scheduler="TCDScheduler", scheduler_kwargs={"original_inference_steps": mc.teacher_steps},
+                              eta=mc.eta, **self._recipe_common())
+
+    def alternative_recipes(self) -> dict[str, SamplingRecipe]:
+        """The same student with DDIM, trailing timestep spacing."""
         ddim = SamplingRecipe(scheduler="DDIMScheduler", scheduler_kwargs={"timestep_spacing": "trailing"}, eta=0.0,
-                              **common)
-        return tcd, {DDIM_TRAILING_RECIPE: ddim}
+                              **self._recipe_common())
+        return {DDIM_TRAILING_RECIPE: ddim}
 
-    def export(self, out_dir: Path) -> None:
-        main, alternatives = self.recipes()
-        export_student(self.bundle, self.student.module, out_dir, main, adapter=self.student.adapter,
-                       prediction_type=self.student.denoiser.prediction_type, alternatives=alternatives)
-
-
-TSCDTrainer = TSCDMethod  # the name issue 6 uses
+    def _recipe_common(self) -> dict:
+        mc = self.cfg.method
+        return dict(num_inference_steps=mc.sampler_steps, guidance_scale=1.0, method=self.name,
+                    prediction_type=self.student.denoiser.prediction_type,
+                    stages=[s.segments for s in mc.stages], teacher_steps=mc.teacher_steps)

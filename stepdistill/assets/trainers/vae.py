@@ -9,20 +9,32 @@ data, so scaled latents have unit std (LDM Sec. 4.3.2; SD1.5's 0.18215 was found
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field
 
-from .. import losses as L
-from ..data import build_data
-from ..errors import UsageError
-from .base import Method, Phase
+from ... import losses as L
+from ...config import MethodConfig
+from ...data import build_data
+from ...errors import UsageError
+from ...training import Method, Phase
 
 SCALE_SAMPLES = 2048  # images drawn (seeded) at export to measure the latent std
+
+
+class VAEConfig(MethodConfig):
+    """AutoencoderKL pretraining (Rombach et al. 2022, LDM sec. 3): L1 reconstruction + a small KL to N(0, I);
+    ``model.arch`` holds the AutoencoderKL kwargs."""
+
+    name: Literal["vae"] = "vae"
+    loss_weights: dict[str, float] = Field(default_factory=lambda: {"recon": 1.0, "kl": 1e-4})
 
 
 class VAEMethod(Method):
     name = "vae"
     kind = "pretrain"
+    config = VAEConfig
     export_network = "vae"
 
     def __init__(self, cfg, ctx):

@@ -4,18 +4,41 @@ augmented digits of the train split. Its held-out accuracy is measured when the 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch.nn.functional as F
+from pydantic import Field
 
-from ..classifier import augment, build_classifier, save_classifier
-from ..data import build_data
-from ..errors import UsageError
-from .base import Method, Phase
+from ...classifier import augment, build_classifier, save_classifier
+from ...config import MethodConfig, Strict
+from ...data import build_data
+from ...errors import UsageError
+from ...training import Method, Phase
+
+
+class AugmentConfig(Strict):
+    """Mild random affine jitter and pixel noise (classifier.augment)."""
+
+    max_shift: float = Field(1.5, ge=0, description="pixels")
+    max_rotate: float = Field(10.0, ge=0, description="degrees")
+    max_scale: float = Field(0.1, ge=0, lt=1, description="relative")
+    noise_std: float = Field(0.1, ge=0)
+
+
+class ClassifierConfig(MethodConfig):
+    """The digit classifier (stepdistill/classifier.py): cross-entropy on augmented train digits; ``model.arch``
+    holds DigitClassifier kwargs."""
+
+    name: Literal["classifier"] = "classifier"
+    augment: AugmentConfig = AugmentConfig()
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    loss_weights: dict[str, float] = Field(default_factory=lambda: {"ce": 1.0})
 
 
 class ClassifierMethod(Method):
     name = "classifier"
     kind = "pretrain"
+    config = ClassifierConfig
     export_network = "classifier"
 
     def __init__(self, cfg, ctx):

@@ -10,19 +10,33 @@ meet at one text embedding. Export: ``text_encoder/`` (``CLIPTextModel``), ``tok
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field
 
-from .. import losses as L
-from ..data import build_data
-from ..errors import UsageError
-from ..tokenizer import build_clip_tokenizer, save_tokenizer
-from .base import Method, Phase
+from ... import losses as L
+from ...config import MethodConfig
+from ...data import build_data
+from ...errors import UsageError
+from ...tokenizer import build_clip_tokenizer, save_tokenizer
+from ...training import Method, Phase
+
+
+class ClipTextConfig(MethodConfig):
+    """CLIP-style contrastive pretraining (Radford et al. 2021) of a small text encoder on (image, prompt)
+    pairs; ``model.arch`` = {text: CLIPTextConfig kwargs, vision: CLIPVisionConfig kwargs, projection_dim}."""
+
+    name: Literal["clip_text"] = "clip_text"
+    num_merges: int = Field(8192, ge=1, description="first M merges of CLIP's BPE (vocabulary 512 + M + 2)")
+    max_length: int = Field(16, ge=4, description="tokenizer model_max_length = text max_position_embeddings")
+    loss_weights: dict[str, float] = Field(default_factory=lambda: {"contrastive": 1.0})
 
 
 class ClipTextMethod(Method):
     name = "clip_text"
     kind = "pretrain"
+    config = ClipTextConfig
     export_network = "clip"
 
     def __init__(self, cfg, ctx):

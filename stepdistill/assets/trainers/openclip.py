@@ -16,29 +16,47 @@ import json
 import math
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field
 
-from .. import losses as L
-from ..data import build_data
-from ..errors import UsageError
-from ..eval.clip_score import TOKENIZER_DIR, WEIGHTS, quiet_open_clip, register
-from .base import Method, Phase
+from ... import losses as L
+from ...config import MethodConfig
+from ...data import build_data
+from ...errors import UsageError
+from ...eval.clip_score import TOKENIZER_DIR, WEIGHTS, quiet_open_clip, register
+from ...training import Method, Phase
+from .classifier import AugmentConfig
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+class OpenClipConfig(MethodConfig):
+    """A small open_clip CLIP (Radford et al. 2021) on digit images and prompts: the ``digits-clip`` asset that
+    gives CLIP scores offline. ``model.arch`` is the open_clip model config (embed_dim, vision_cfg, text_cfg),
+    registered with ``open_clip.add_model_config`` as ``model_name``."""
+
+    name: Literal["open_clip"] = "open_clip"
+    model_name: str = Field("digits-clip", description="name the model config is registered under in open_clip")
+    num_merges: int = Field(8192, ge=1, description="first M merges of CLIP's BPE (HF tokenizer, vocabulary "
+                                                    "512 + M + 2); open_clip's text tower is sized to it")
+    augment: AugmentConfig | None = Field(AugmentConfig(), description="image jitter (classifier.augment); null: none")
+    loss_weights: dict[str, float] = Field(default_factory=lambda: {"contrastive": 1.0})
+
+
 class OpenClipMethod(Method):
     name = "open_clip"
     kind = "pretrain"
+    config = OpenClipConfig
     export_network = "clip"
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         import open_clip
 
-        from ..tokenizer import build_clip_tokenizer
+        from ...tokenizer import build_clip_tokenizer
 
         mc, arch = cfg.method, dict(cfg.model.arch or {})
         if not {"embed_dim", "vision_cfg", "text_cfg"} <= set(arch):
@@ -73,7 +91,7 @@ class OpenClipMethod(Method):
         return (x - self.mean) / self.std
 
     def batch(self, phase):
-        from ..classifier import augment
+        from ...classifier import augment
 
         s = self.data.sample(self.cfg.train.batch_size, self.ctx.generator)
         x = s.x0
@@ -97,7 +115,7 @@ class OpenClipMethod(Method):
     def export(self, out_dir: Path) -> None:
         from safetensors.torch import save_file
 
-        from ..tokenizer import save_tokenizer
+        from ...tokenizer import save_tokenizer
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
