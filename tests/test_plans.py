@@ -15,14 +15,6 @@ PROMPTS = ["a handwritten digit seven", "the number 3", "a handwritten digit zer
 SEEDS = [5, 6, 7]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def two_experts() -> SamplingRecipe:
     return SamplingRecipe(scheduler="LCMScheduler", timesteps=[999, 749, 499, 249], guidance_scale=1.0,
                           segments=[Segment(network="expert_0", timesteps=[999, 749]),

@@ -197,10 +197,12 @@ def _entries(args, device, progress):
         teacher = loaded[0]
         guidance = args.guidance if args.guidance is not None else _default_guidance(teacher)
         for s in parse_steps(args.steps or DEFAULT_STEPS):
-            spec = SamplingRecipe(scheduler=args.scheduler, num_inference_steps=s, guidance_scale=guidance, eta=args.eta)
+            spec = SamplingRecipe(scheduler=args.scheduler, num_inference_steps=s, guidance_scale=guidance,
+                                  eta=args.eta)
             entries.append(Entry(f"teacher {spec.label()}", "teacher", teacher.sampler, spec, teacher.source))
     for r, st in zip(args.run or [], students):
-        counts = parse_steps(args.steps) if args.steps and not st.spec.timesteps else [None]
+        any_count = not st.spec.timesteps and not st.spec.segments and st.spec.router is None
+        counts = parse_steps(args.steps) if args.steps and any_count else [None]
         for s in counts:  # a student that samples at any step count (TSCD): one row per count
             spec = st.spec if s is None else st.spec.with_steps(s)
             entries.append(Entry(f"{Path(r).name} {spec.label()}", st.method, st.sampler, spec, st.source))

@@ -50,8 +50,8 @@ class ReportRow(BaseModel):
     x0_grid: str | None = Field(None, description="decoded x0-prediction at every step (one column per step, one "
                                                   "row per sample) PNG, relative to the report folder")
     x0_timesteps: list[int] | None = Field(None, description="per step of the x0 grid: its timestep")
-    x0_models: list[str] | None = Field(None, description="per step: the model that made it (hybrid: base / "
-                                                          "distilled)")
+    x0_models: list[str] | None = Field(None, description="per step: the network of the plan that made it "
+                                                          "(teacher, student, an expert ...)")
     x0_distance: list[float] | None = Field(None, description="per step: mean cosine feature distance of the x0 "
                                                               "to the final image")
     settle_step: int | None = Field(None, description="first step (1-based) from which every x0 is within 0.05 "
@@ -179,7 +179,7 @@ def _x0_caption(r: ReportRow) -> str:
     if r.x0_timesteps:
         parts.append("t " + " ".join(map(str, r.x0_timesteps)))
     if r.x0_models and len(set(r.x0_models)) > 1:
-        parts.append("models " + " ".join(m[0].upper() for m in r.x0_models))
+        parts.append("networks " + " ".join(r.x0_models))
     if r.x0_distance:
         parts.append("distance to final " + " ".join(f"{d:.2f}" for d in r.x0_distance))
     if r.settle_step is not None:

@@ -200,6 +200,9 @@ def _pipeline_student(pipe, student_dir: Path, table) -> PipelineSampler:
     for name, entry in table.items():
         folder = student_dir / entry.path
         if entry.format in ("lora", "peft_lora"):
+            if name in (getattr(pipe.unet, "peft_config", None) or {}):
+                raise UsageError(f"the pipeline already has an adapter named {name!r}; load the student into a "
+                                 f"pipeline without it (or delete_adapters({name!r}) first)")
             try:
                 pipe.load_lora_weights(str(folder), adapter_name=name)
             except (ValueError, RuntimeError, KeyError) as e:

@@ -57,7 +57,8 @@ def run_denoisers(recipe: SamplingRecipe, segments: Sequence[Segment], networks:
             raise UsageError(f"the plan names network {key!r}; this sampler has {sorted(networks)}")
         return networks[key]
 
-    schedulers = [make_scheduler(p.scheduler, {**scheduler_config, "prediction_type": net(p.networks[0]).prediction_type},
+    schedulers = [make_scheduler(p.scheduler, {**scheduler_config,
+                                                "prediction_type": net(p.networks[0]).prediction_type},
                                  **p.scheduler_kwargs) for p in ps]
     schedule, kws = _prepare(recipe, ps, schedulers, partial=False, device=device)
     x, done = None, 0

@@ -154,9 +154,9 @@ class DenoiserSampler(Sampler):
 class PipelineSampler(Sampler):
     """Plans on stock Diffusers text-to-image pipelines (``StableDiffusionPipeline``, SDXL). ``networks``: name ->
     adapter name on ``pipe`` (None: its LoRAs off, the base model), or -> (another pipeline, adapter or None: that
-    pipeline as it is) for networks that are whole models of their own; default ``{"teacher": None}``. Schedulers are built from each pipeline's
-    own scheduler config; ``output_type="pt"``, one generator per sample. ``stack``: adapters (name -> weight)
-    active on top of every segment's (control LoRAs)."""
+    pipeline as it is) for networks that are whole models of their own; default ``{"teacher": None}``. Schedulers
+    are built from each pipeline's own scheduler config; ``output_type="pt"``, one generator per sample.
+    ``stack``: adapters (name -> weight) active on top of every segment's (control LoRAs)."""
 
     def __init__(self, pipe, networks: Mapping[str, object] | None = None, main: str = TEACHER,
                  prediction_types: Mapping[str, str | None] | None = None):
@@ -211,8 +211,8 @@ class PipelineSampler(Sampler):
         networks = {}
         for name, (pipe, adapter) in self.networks.items():
             b = bundles[id(pipe)]
-            off = adapter is None and bool(getattr(pipe.unet, "peft_config", None)) and \
-                any(a for q, a in self.networks.values() if q is pipe)
+            managed = pipe is self.pipe or any(a for q, a in self.networks.values() if q is pipe)
+            off = adapter is None and managed and bool(getattr(pipe.unet, "peft_config", None))
             pred = self.prediction_types.get(name) or b.prediction_type
             networks[name] = Denoiser(pipe.unet, b.schedule, pred, adapter=adapter, adapters_off=off)
         main = bundles[id(self.networks[self.main][0])]
