@@ -56,7 +56,8 @@ def _denoiser(pipe):
 
 def _two(base, dist) -> DenoiserSampler:
     """Teacher and student Denoisers of two pipelines in one sampler (main: the student)."""
-    b, d = _denoiser(base), _denoiser(dist)
+    b = _denoiser(base)
+    d = PipelineSampler(dist, {"student": "student"}, main="student").denoiser_sampler()  # its LoRA 'student' on
     return DenoiserSampler({TEACHER: b.denoiser, "student": d.denoiser}, d.scheduler_config(), d.shape,
                            d.conditioner, decode=d.decode, main="student")
 
