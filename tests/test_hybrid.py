@@ -103,7 +103,7 @@ def test_plan_replace_and_add():
     (one,) = passes(p, p.segments)  # one scheduler: one pass over the chain, networks taking turns
     assert one.chain == tuple(LCM4) and one.networks == (TEACHER, None, None, None) and one.entry == "noise"
     p = plan_hybrid(spec, LCM4, 2, "replace")
-    assert p.segments[1].timesteps == [499, 249] and p.label() == "hybrid replace base-2 + LCM-2"
+    assert p.segments[1].timesteps == [499, 249] and p.label() == "hybrid replace base-2 + LCM-4"
     p = plan_hybrid(spec, LCM4, 1, "add", ("DDIMScheduler", {"timestep_spacing": "trailing"}), 3.0)
     assert p.segments[0].timesteps == [999] and p.segments[1].timesteps == LCM4 and p.steps == 5
     first, second = passes(p, p.segments)  # add: the student re-noises the teacher's clean estimate

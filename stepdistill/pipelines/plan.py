@@ -173,7 +173,7 @@ class SamplingRecipe(BaseModel):
         segs = self.segments or []
         if len(segs) == 2 and segs[0].network == TEACHER:  # plan_hybrid's plan
             base, rest = segs
-            student = self.model_copy(update={"segments": None, "timesteps": rest.timesteps})
+            student = self.model_copy(update={"segments": None})  # the student's own recipe (its timesteps)
             mode = "add" if base.timesteps[0] == rest.timesteps[0] else "replace"
             sched = f" {base.scheduler.removesuffix('Scheduler')}" if base.scheduler else ""
             w = "" if (base.guidance_scale or 1.0) <= 1.0 else f" w={base.guidance_scale:g}"
