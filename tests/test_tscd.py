@@ -166,12 +166,12 @@ def test_stage_transitions_keep_weights(tmp_path, monkeypatch):
     from stepdistill.trainers.tscd import TSCDMethod
 
     seen = []
-    real_losses = TSCDMethod.student_losses
+    real_losses = TSCDMethod.losses
 
-    def spy(self, batch):
+    def spy(self, batch, phase):
         seen.append(self.stage.segments)
-        return real_losses(self, batch)
-    monkeypatch.setattr(TSCDMethod, "student_losses", spy)
+        return real_losses(self, batch, phase)
+    monkeypatch.setattr(TSCDMethod, "losses", spy)
     snapshots = {}
     real_enter = TSCDMethod._enter_stage
 
@@ -249,7 +249,7 @@ def test_digits_smoke_run_exports_both_recipes(tmp_path):
     fit(cfg, tmp_path / "run")
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(all(v == v for v in r.values()) for r in rows)
-    assert "student/gan_g" in rows[-1] and "discriminator/gan_d" in rows[-1] and "student/gan_g" not in rows[1]
+    assert "student/gan_g" in rows[-1] and "student/gan_d" in rows[-1] and "student/gan_g" not in rows[1]
     student = tmp_path / "run" / "student"
     tcd = SamplingRecipe.load(student)
     ddim = SamplingRecipe.load(student / DDIM_TRAILING_RECIPE)

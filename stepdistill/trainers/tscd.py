@@ -14,9 +14,10 @@ re-synced to the student when a stage starts); the stage index is checkpointed. 
 the student a consistency model to the clean end, so one LoRA samples at 1..8 steps with stock
 ``TCDScheduler`` (the exported recipe) or ``DDIMScheduler(timestep_spacing="trailing")`` (the alternative).
 Optional adversarial term (Hyper-SD weights it up as k shrinks): the GAN head of ``gan.py`` on the frozen
-teacher's mid-block features tells the student's x_e (drawn afresh, without gradient, in the discriminator's
-own batch) from real data noised to the same edge; the head trains in every stage, the student's term
-``gan_g`` is weighted per stage (``loss_weights(step)``: ``gan_g`` times the stage's ``adv_weight``).
+teacher's mid-block features tells the student's x_e (detached) from real data noised to the same edge, in
+the same update as the student (one phase, two optimisers: ``gan_d`` reaches only the head, ``gan_g`` only the
+student); the head trains in every stage, the student's term ``gan_g`` is weighted per stage
+(``loss_weights(step)``: ``gan_g`` times the stage's ``adv_weight``).
 """
 
 from __future__ import annotations
@@ -216,10 +217,7 @@ class TSCDMethod(Method):
         return super().trainable(name, net)
 
     def phases(self):
-        phases = [Phase("student", ("student",))]
-        if self.head is not None:
-            phases.append(Phase("discriminator", ("gan_head",)))
-        return phases
+        return [Phase("student", ("student", "gan_head") if self.head is not None else ("student",))]
 
     def loss_weights(self, step):
         w = super().loss_weights(step)
@@ -234,14 +232,10 @@ class TSCDMethod(Method):
 
     # -- data ---------------------------------------------------------------------------------------
     def batch(self, phase):
-        if phase == "discriminator":
-            return self._discriminator_batch()
-        return self._draw(self.cfg.train.batch_size, guidance=True)
-
-    def _draw(self, n: int, guidance: bool) -> dict:
-        """Clean samples and their conditions, training timesteps, noise and (``guidance``) the teacher's CFG
-        scales w ~ U[guidance_min, guidance_max] (None: no guidance)."""
-        g, mc = self.ctx.generator, self.cfg.method
+        """Clean samples and their conditions, training timesteps, noise, the teacher's CFG scales
+        w ~ U[guidance_min, guidance_max] (None: no guidance) and, with the GAN head, a real batch and the noise
+        that takes it to the edges."""
+        n, g, mc = self.cfg.train.batch_size, self.ctx.generator, self.cfg.method
         if self.x0_source == "data":
             s = self.data.sample(n, g)
             x0, cond = s.x0.to(self.ctx.device), self.bundle.conditioner.encode(s.labels, s.prompts)
@@ -250,19 +244,15 @@ class TSCDMethod(Method):
             x0 = self._own_samples(cond, n)
         t = self.timesteps[self.ctx.randint(0, len(self.timesteps), (n,))]
         w = None
-        if guidance and mc.guidance_max > 1.0:
+        if mc.guidance_max > 1.0:
             w = mc.guidance_min + (mc.guidance_max - mc.guidance_min) * self.ctx.rand(n)
-        return {"x0": x0, "cond": cond, "t": t, "eps": self.ctx.randn_like(x0), "w": w}
-
-    def _discriminator_batch(self) -> dict:
-        """The student's x_e on a fresh draw (no gradient) and real data with the noise that takes it to e."""
-        b = self._draw(self.cfg.train.batch_size, guidance=False)
-        with torch.no_grad():
-            _, edge, fake = self._edge_point(b)
-        real = self.data.sample(len(fake), self.ctx.generator)
-        x0 = real.x0.to(self.ctx.device)
-        return {"fake": fake, "edge": edge, "cond": b["cond"], "real": x0,
-                "real_cond": self.bundle.conditioner.encode(real.labels, real.prompts), "eps": self.ctx.randn_like(x0)}
+        out = {"x0": x0, "cond": cond, "t": t, "eps": self.ctx.randn_like(x0), "w": w}
+        if self.head is not None:
+            real = self.data.sample(n, g)
+            out["real"] = real.x0.to(self.ctx.device)
+            out["real_cond"] = self.bundle.conditioner.encode(real.labels, real.prompts)
+            out["real_eps"] = self.ctx.randn_like(out["real"])
+        return out
 
     def _own_samples(self, cond: Cond, n: int) -> torch.Tensor:
         """Data-free x0: the target network's k-step segment-to-segment DDIM samples (k of this stage)."""
@@ -281,9 +271,6 @@ class TSCDMethod(Method):
         return x_t, edge, sched.ddim_jump(x0_s, eps_s, edge)  # (B, ...)
 
     def losses(self, batch, phase):
-        return self.discriminator_losses(batch) if phase == "discriminator" else self.student_losses(batch)
-
-    def student_losses(self, batch) -> dict[str, torch.Tensor]:
         mc, sched = self.cfg.method, self.bundle.schedule
         cond, t = batch["cond"], batch["t"]
         x_t, edge, pred = self._edge_point(batch)
@@ -301,17 +288,19 @@ class TSCDMethod(Method):
             with frozen(self.head):
                 _, feats = predict_with_features(self.teacher, pred, edge.clamp(min=0), cond)
                 out["gan_g"] = L.gan_generator(self.head(feats))
+        if self.head is not None:
+            out["gan_d"] = self.discriminator_loss(pred.detach(), edge, cond, batch)
         return out
 
-    def discriminator_losses(self, batch) -> dict[str, torch.Tensor]:
-        """GAN head: the student's x_e vs real data noised to the same edges, both read through the frozen teacher."""
-        edge = batch["edge"]
-        real = self.bundle.schedule.add_noise(batch["real"], batch["eps"], edge)
+    def discriminator_loss(self, fake: torch.Tensor, edge: torch.Tensor, cond: Cond, batch) -> torch.Tensor:
+        """GAN head: the student's (detached) x_e vs real data noised to the same edges, both read through the
+        frozen teacher; only the head gets gradients."""
+        real = self.bundle.schedule.add_noise(batch["real"], batch["real_eps"], edge)
         t_d = edge.clamp(min=0)
         with torch.no_grad():
-            _, feats_fake = predict_with_features(self.teacher, batch["fake"], t_d, batch["cond"])
+            _, feats_fake = predict_with_features(self.teacher, fake, t_d, cond)
             _, feats_real = predict_with_features(self.teacher, real, t_d, batch["real_cond"])
-        return {"gan_d": L.gan_discriminator(self.head(feats_real), self.head(feats_fake))}
+        return L.gan_discriminator(self.head(feats_real), self.head(feats_fake))
 
     # -- artifacts ----------------------------------------------------------------------------------
     def student_networks(self):
