@@ -18,13 +18,13 @@ from .sampling import make_scheduler, sample
 StepCallback = Callable[[int, int, torch.Tensor, "torch.Tensor | None", str], None]
 
 
-def _prepare(recipe: SamplingRecipe, ps: list[Pass], schedulers: list, partial: bool, device=None):
+def _prepare(ps: list[Pass], schedulers: list, partial: bool, device=None):
     """Set every pass's scheduler to its timesteps and check each hand-off converts, before any network runs.
     ``partial``: a continuing pass's scheduler gets only its own part of the chain (stock pipelines start at
     index 0), else the whole chain with a begin index. Returns the shared schedule and each pass's kwargs."""
     schedule = check_schedules(schedulers)
     kws = []
-    for k, (p, sched) in enumerate(zip(ps, schedulers)):
+    for p, sched in zip(ps, schedulers):
         if p.chain is None:
             sched.set_timesteps(p.num_inference_steps, device=device)
             kws.append({"num_inference_steps": p.num_inference_steps})
@@ -60,7 +60,7 @@ def run_denoisers(recipe: SamplingRecipe, segments: Sequence[Segment], networks:
     schedulers = [make_scheduler(p.scheduler, {**scheduler_config,
                                                 "prediction_type": net(p.networks[0]).prediction_type},
                                  **p.scheduler_kwargs) for p in ps]
-    schedule, kws = _prepare(recipe, ps, schedulers, partial=False, device=device)
+    schedule, kws = _prepare(ps, schedulers, partial=False, device=device)
     x, done = None, 0
     for k, (p, sched) in enumerate(zip(ps, schedulers)):
         if p.entry != "noise":
@@ -130,7 +130,7 @@ def run_pipelines(recipe: SamplingRecipe, segments: Sequence[Segment], networks:
         config = {**base_configs[id(pipe)], **({"prediction_type": pred} if pred else {})}
         pipes.append(pipe)
         schedulers.append(make_scheduler(p.scheduler, config, **p.scheduler_kwargs))
-    schedule, kws = _prepare(recipe, ps, schedulers, partial=True)
+    schedule, kws = _prepare(ps, schedulers, partial=True)
     x, done = kwargs.pop("latents", None), 0
     for k, (p, pipe, sched) in enumerate(zip(ps, pipes, schedulers)):
         last = k == len(ps) - 1
