@@ -264,10 +264,6 @@ class Pass:
     networks: tuple[str | None, ...]  # per step; None: to the end of a grid-defined (num_inference_steps) pass
     entry: str
 
-    @property
-    def last_in_chain(self) -> bool:
-        return self.stop is None or self.chain is None or self.stop == len(self.chain)
-
 
 def passes(recipe: SamplingRecipe, segments: Sequence[Segment],
            owner: Callable[[str | None], Any] | None = None) -> list[Pass]:

@@ -19,7 +19,7 @@ from ..denoisers import Denoiser
 from ..errors import UsageError
 from .plan import TEACHER, SamplingRecipe, Segment
 from .runner import StepCallback, run_denoisers, run_pipelines
-from .sampling import make_scheduler, seeded_generators
+from .sampling import seeded_generators
 
 
 @dataclass
@@ -121,10 +121,6 @@ class DenoiserSampler(Sampler):
 
     def scheduler_config(self, network: str | None = None) -> dict:
         return {**self._config, "prediction_type": self.networks[network or self.main].prediction_type}
-
-    def scheduler(self, recipe: SamplingRecipe):
-        """The recipe's scheduler for the main network."""
-        return make_scheduler(recipe.scheduler, self.scheduler_config(), **recipe.scheduler_kwargs)
 
     def cond(self, conds: Conditions):
         if not self.conditioner.conditional:
