@@ -75,3 +75,66 @@ def tcd_sample(student: Denoiser, noise: torch.Tensor, cond: Cond | None, timest
         x0, eps = student.x0_eps(x, t, cond, guidance)
         x = schedule.tcd_step(x0, eps, t_prev, eta, None if (last or eta == 0) else fresh_noise(x))
     return x
+
+
+class ExpertChain:
+    """A few-step generator made of experts that take turns (Phased DMD): expert k runs ``timesteps[k]``, the
+    first of which is its phase's upper boundary; every step is a deterministic DDIM jump of the running
+    expert's (x0, eps) to the next timestep, and the last step lands on timestep 0 -- step for step what a stock
+    ``TCDScheduler`` with eta 0 and the chained timesteps does while a callback switches adapters
+    (:func:`tcd_sample`'s schedule math)."""
+
+    def __init__(self, experts: Sequence[Denoiser], timesteps: Sequence[Sequence[int]]):
+        if len(experts) != len(timesteps) or not experts:
+            raise ValueError("one timestep list per expert")
+        chain = [int(t) for ts in timesteps for t in ts]
+        if any(a <= b for a, b in zip(chain, chain[1:])) or chain[-1] < 0:
+            raise ValueError(f"the experts' timesteps must chain strictly decreasing to >= 0, got {timesteps}")
+        self.experts = list(experts)
+        self.timesteps = [[int(t) for t in ts] for ts in timesteps]
+        self.chain = chain
+        self.owner = [k for k, ts in enumerate(self.timesteps) for _ in ts]  # expert of each step
+        self.schedule = experts[0].schedule
+
+    @property
+    def num_phases(self) -> int:
+        return len(self.experts)
+
+    def phase_steps(self, k: int) -> range:
+        """Indices (into ``chain``) of expert k's steps."""
+        first = sum(len(ts) for ts in self.timesteps[:k])
+        return range(first, first + len(self.timesteps[k]))
+
+    def phase_end(self, k: int) -> int:
+        """Lower boundary of phase k: the next phase's first timestep, or CLEAN (-1) for the last phase."""
+        return self.timesteps[k + 1][0] if k + 1 < self.num_phases else -1
+
+    def step(self, x: torch.Tensor, i: int, cond: Cond | None, to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step i: (x0, x at ``to``) with the owning expert's DDIM jump; ``to`` defaults to the next timestep
+        (timestep 0 after the last step)."""
+        x0, eps = self.experts[self.owner[i]].x0_eps(x, self.chain[i], cond)
+        if to is None:
+            to = self.chain[i + 1] if i + 1 < len(self.chain) else 0
+        return x0, (x0 if to < 0 else self.schedule.ddim_jump(x0, eps, to))
+
+    @torch.no_grad()
+    def simulate(self, noise: torch.Tensor, cond: Cond | None, upto: int) -> torch.Tensor:
+        """Input of step ``upto``: steps 0..upto-1 without gradient from ``noise``."""
+        x = noise
+        for i in range(upto):
+            _, x = self.step(x, i, cond)
+        return x
+
+    def phase_output(self, noise: torch.Tensor, cond: Cond | None, k: int, j: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Phase k's output with gradient through one step (backward simulation, DMD2 Sec. 4.5): earlier steps
+        run without gradient, then expert k's ``j``-th step jumps straight to the phase's lower boundary s.
+        Returns (x_s, the step's x0-prediction, s); s = CLEAN for the last phase, where x_s is the x0-prediction."""
+        i = self.phase_steps(k)[j]
+        x = self.simulate(noise, cond, i)
+        x0, x_s = self.step(x, i, cond, to=self.phase_end(k))
+        return x_s, x0, self.phase_end(k)
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, cond: Cond | None) -> torch.Tensor:
+        return self.simulate(noise, cond, len(self.chain))

@@ -66,6 +66,13 @@ def distribution_matching(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return 0.5 * per_sample_mean((x - (x - grad).detach()) ** 2)
 
 
+def subinterval_score_matching(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Score matching within an SNR subinterval (Phased DMD, Fan et al. 2025, Sec. 3.3): per-sample weighted MSE
+    between the fake score's prediction and the exact conditional target of ``schedules.subinterval_target``
+    (``weight`` from ``subinterval_weight``, shape (B,) or broadcastable)."""
+    return weight.reshape(-1).float() * mse(pred.float(), target.float())
+
+
 def gan_discriminator(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """Non-saturating GAN discriminator loss softplus(D(fake)) + softplus(-D(real)) (DMD2 Sec. 4.3), per sample."""
     return per_sample_mean(torch.nn.functional.softplus(fake_logits.float())) + \

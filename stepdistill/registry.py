@@ -13,6 +13,7 @@ from .errors import UsageError
 
 METHODS: dict[str, str] = {
     "dmd": "stepdistill.trainers.dmd:DMDMethod",
+    "phased_dmd": "stepdistill.trainers.phased_dmd:PhasedDMDMethod",
     "tscd": "stepdistill.trainers.tscd:TSCDMethod",
     "denoising": "stepdistill.trainers.denoising:DenoisingMethod",
 }

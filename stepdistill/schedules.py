@@ -147,6 +147,47 @@ class NoiseSchedule:
         s_t, s_s = self.sigma(t, like), self.sigma(s, like)
         return (s_t**2 - (a_t / a_s) ** 2 * s_s**2).clamp_min(0).sqrt()
 
+    # ---- inside an SNR subinterval (Phased DMD, Fan et al. 2025) ---------------------------------------------
+    # Samples x_s of a subinterval's lower end s have no clean counterpart. Noising them to t > s by q(x_t | x_s)
+    # and regressing onto the conditional score -eps / s_{t|s} (denoising score matching from s) has the marginal
+    # score of x_t as its solution; the functions below give that target in each parameterisation. s < 0 (the
+    # clean end) means x_s is a clean sample: plain noising and plain denoising targets, exactly.
+    def noise_from(self, x_s: torch.Tensor, s: int, t, eps: torch.Tensor) -> torch.Tensor:
+        """x_t ~ q(x_t | x_s) for t > s; ``add_noise`` when s is the clean end."""
+        return self.add_noise(x_s, eps, t) if int(s) < 0 else self.renoise(x_s, s, t, eps)
+
+    def subinterval_target(self, x_s: torch.Tensor, eps: torch.Tensor, s: int, t, prediction_type: str) -> torch.Tensor:
+        """Regression target of a denoiser at x_t = ``noise_from(x_s, s, t, eps)`` whose minimiser is the marginal
+        score at t (Phased DMD's score matching within a subinterval), in the denoiser's ``prediction_type``:
+        eps_target = (s_t / s_{t|s}) eps, x0_target = x_s / a_s - a_t s_s^2 / (a_s^2 s_{t|s}) eps,
+        v_target = a_t eps_target - s_t x0_target. ``target(x_s, eps, t, .)`` when s is the clean end."""
+        if int(s) < 0:
+            return self.target(x_s, eps, t, prediction_type)
+        a_t, s_t = self.alpha(t, x_s), self.sigma(t, x_s)
+        a_s, s_s = self.alpha(s, x_s), self.sigma(s, x_s)
+        s_ts = self.sigma_t_given_s(s, t, x_s)
+        eps_target = (s_t / s_ts) * eps
+        x0_target = x_s / a_s - (a_t * s_s**2 / (a_s**2 * s_ts)) * eps
+        if prediction_type == "epsilon":
+            return eps_target
+        if prediction_type == "sample":
+            return x0_target
+        if prediction_type == "v_prediction":
+            return a_t * eps_target - s_t * x0_target
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+
+    def subinterval_weight(self, s: int, t, like: torch.Tensor | None = None, kind: str = "variance") -> torch.Tensor:
+        """Per-sample weight of the subinterval loss. The target's noise grows as 1 / s_{t|s} when t nears s;
+        ``variance``: (s_{t|s} / s_t)^2, which keeps it bounded and is 1 at the clean end (plain denoising);
+        ``clamp``: clamp(1 / s_{t|s}^2, 0, 10) (the clamp suggested for Phased DMD)."""
+        if kind not in ("variance", "clamp"):
+            raise ValueError(f"subinterval weighting must be 'variance' or 'clamp', got {kind!r}")
+        s_t = self.sigma(t, like)
+        s_ts = s_t if int(s) < 0 else self.sigma_t_given_s(s, t, like)
+        if kind == "variance":
+            return (s_ts / s_t) ** 2
+        return (1.0 / s_ts.clamp_min(1e-12) ** 2).clamp(0.0, 10.0)
+
     def tcd_step(self, x0: torch.Tensor, eps: torch.Tensor, t_prev: int, eta: float,
                  noise: torch.Tensor | None = None) -> torch.Tensor:
         """TCD's gamma step (Zheng et al. 2024, Alg. 4; Diffusers' ``TCDScheduler.step``): DDIM jump to

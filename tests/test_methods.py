@@ -24,6 +24,10 @@ TINY = {
     "dmd": {"method": {"name": "dmd", "timesteps": [999, 499], "student_every": 2, "gan": {"hidden": 8},
                        "loss_weights": {"gan_g": 0.01, "gan_d": 0.01}},
             "model": TEACHER, "data": {"name": "toy2d", "conditional": True}},
+    "phased_dmd": {"method": {"name": "phased_dmd", "boundaries": [999, 499], "phase_steps": [2, 2],
+                              "student_every": 1, "init": "previous", "gan": {"hidden": 8},
+                              "loss_weights": {"gan_g": 0.01, "gan_d": 0.01}},
+                   "model": TEACHER, "data": {"name": "toy2d", "conditional": True}},
     "tscd": {"method": {"name": "tscd", "teacher_steps": 10, "x0_source": "student", "guidance_max": 2.0,
                         "stages": [{"segments": 2, "steps": 2}, {"segments": 1, "steps": 2}]},
              "model": TEACHER, "data": {"name": "toy2d", "conditional": True}},
@@ -113,5 +117,6 @@ def test_export_then_load_student_samples_the_same(tmp_path, name):
 
     torch.manual_seed(123)  # not vacuous: another network samples other points
     fresh = load_bundle(cfg.model, cfg.data)
-    untrained = bundle_sampler(fresh, {"student": fresh.denoiser(fresh.new_network())}, main="student")
+    net = fresh.denoiser(fresh.new_network())
+    untrained = bundle_sampler(fresh, {k: net for k in m.student_networks()}, main=next(iter(m.student_networks())))
     assert (untrained(loaded.recipe, conds, seeds) - loaded(labels=conds.labels, seeds=seeds)).abs().max() > 1e-6

@@ -33,12 +33,10 @@ from .dmd_terms import distribution_matching_loss, fake_score_loss, gan_discrimi
 PAIRS_FILE = "regression_pairs.safetensors"
 
 
-class DMDConfig(MethodConfig):
-    """Distribution Matching Distillation (DMD, Yin et al. 2023; DMD2, Yin et al. 2024)."""
+class DMDTermsConfig(MethodConfig):
+    """What every method built on DMD's terms shares: the real score's guidance, the two time-scale rule, the
+    student and fake-score networks, the DM loss's timestep range, and the optional GAN and regression terms."""
 
-    name: Literal["dmd"] = "dmd"
-    timesteps: list[int] = Field([999], min_length=1, description="student timesteps, decreasing; one entry "
-                                                                  "= a one-step generator at that timestep")
     real_guidance: float = Field(1.0, description="CFG scale of the teacher's real score (<= 1: none)")
     student_every: int = Field(5, ge=1, description="two time-scale rule: a student step every N-th step "
                                                     "(the fake score updates every step)")
@@ -55,11 +53,23 @@ class DMDConfig(MethodConfig):
         "dm": 1.0, "fake": 1.0, "reg": 0.25, "gan_g": 3e-3, "gan_d": 1e-2})
 
     @model_validator(mode="after")
-    def _check(self):
-        if any(a <= b for a, b in zip(self.timesteps, self.timesteps[1:])):
-            raise ValueError(f"timesteps must be strictly decreasing, got {self.timesteps}")
+    def _check_range(self):
         if self.min_t >= self.max_t:
             raise ValueError("min_t must be below max_t")
+        return self
+
+
+class DMDConfig(DMDTermsConfig):
+    """Distribution Matching Distillation (DMD, Yin et al. 2023; DMD2, Yin et al. 2024)."""
+
+    name: Literal["dmd"] = "dmd"
+    timesteps: list[int] = Field([999], min_length=1, description="student timesteps, decreasing; one entry "
+                                                                  "= a one-step generator at that timestep")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if any(a <= b for a, b in zip(self.timesteps, self.timesteps[1:])) or min(self.timesteps) < 0:
+            raise ValueError(f"timesteps must be strictly decreasing and >= 0, got {self.timesteps}")
         return self
 
 
@@ -74,26 +84,35 @@ class DMDMethod(Method):
         mc = cfg.method
         self.bundle = b = load_bundle(cfg.model, cfg.data, ctx.device)
         self.data = build_data(cfg.data, b)
-        shared = b.init_net if (mc.shared_base and mc.student.lora and mc.fake_score.lora) else None
-        self.student = make_trainable(b, "student", mc.student.lora, shared)
-        self.fake = make_trainable(b, "fake", mc.fake_score.lora, shared)
-        self.teacher = teacher_view(b, shared)
-        for m in (self.student.module, self.fake.module):
-            m.to(ctx.device).train()
-        if max(mc.timesteps) >= b.schedule.num_train_timesteps:
-            raise UsageError(f"method.timesteps {mc.timesteps} exceed the teacher's "
-                             f"{b.schedule.num_train_timesteps} training timesteps")
-        self.generator = FewStepGenerator(self.student.denoiser, mc.timesteps)
+        self.shared = b.init_net if (mc.shared_base and mc.student.lora and mc.fake_score.lora) else None
+        self._build_networks()
+        self.teacher = teacher_view(b, self.shared)
         self.head = None
         if mc.gan is not None:
             if not self.data.has_real:
                 raise UsageError(f"method.gan needs real data, but data {cfg.data.name!r} has none; "
                                  f"set method.gan=null or use an image dataset")
-            self.head = GANHead(feature_channels(self.fake.module), mc.gan.hidden,
-                                flat=b.kind == "mlp").to(ctx.device)
+            self.head = GANHead(feature_channels(self.fake_network().module),
+                                mc.gan.hidden, flat=b.kind == "mlp").to(ctx.device)
         self.pairs = self._regression_pairs() if mc.regression is not None else None
         T = b.schedule.num_train_timesteps
         self.t_range = (int(mc.min_t * T), int(mc.max_t * T))
+
+    def _build_networks(self) -> None:
+        """The student (a few-step generator) and its fake score; methods with several generators override."""
+        mc, b = self.cfg.method, self.bundle
+        self.student = make_trainable(b, "student", mc.student.lora, self.shared)
+        self.fake = make_trainable(b, "fake", mc.fake_score.lora, self.shared)
+        for m in (self.student.module, self.fake.module):
+            m.to(self.ctx.device).train()
+        if max(mc.timesteps) >= b.schedule.num_train_timesteps:
+            raise UsageError(f"method.timesteps {mc.timesteps} exceed the teacher's "
+                             f"{b.schedule.num_train_timesteps} training timesteps")
+        self.generator = FewStepGenerator(self.student.denoiser, mc.timesteps)
+
+    def fake_network(self):
+        """A fake score (the GAN head reads its bottleneck's width)."""
+        return self.fake
 
     # -- structure --------------------------------------------------------------------------------
     def networks(self):
@@ -137,25 +156,36 @@ class DMDMethod(Method):
             pairs.save(path)
         return pairs
 
+    def role(self, phase: str) -> str:
+        """What a phase updates: "student" (the generator) or "fake_score"."""
+        return phase
+
+    def draw_step(self, phase: str) -> dict:
+        """Which generator step carries the gradient this time (backward simulation)."""
+        return {"k": int(torch.randint(0, self.generator.num_steps, (1,), generator=self.ctx.generator))}
+
+    def uses_regression(self, phase: str) -> bool:
+        return True
+
     def batch(self, phase):
-        n, g = self.cfg.train.batch_size, self.ctx.generator
+        n, g, role = self.cfg.train.batch_size, self.ctx.generator, self.role(phase)
         cond = draw_conditions(self.bundle, self.data, n, g)
         z = self.ctx.randn(n, *self.bundle.sample_shape)
-        k = int(torch.randint(0, self.generator.num_steps, (1,), generator=g))
-        out = {"z": z, "cond": cond, "k": k}
-        if phase == "student" and self.pairs is not None and self.cfg.method.loss_weights["reg"] > 0:
+        out = {"z": z, "cond": cond, **self.draw_step(phase)}
+        if (role == "student" and self.pairs is not None and self.cfg.method.loss_weights["reg"] > 0
+                and self.uses_regression(phase)):
             rn = self.cfg.method.regression.batch_size or n
             zr, yr, labels, prompts = self.pairs.batch(rn, g)
             out["reg"] = (zr.to(self.ctx.device), yr.to(self.ctx.device),
                           self.bundle.conditioner.encode(labels, prompts))
-        if phase == "fake_score" and self.head is not None:
+        if role == "fake_score" and self.head is not None:
             real = self.data.sample(n, g)
             out["real"] = (real.x0.to(self.ctx.device), self.bundle.conditioner.encode(real.labels, real.prompts))
         return out
 
     # -- losses (the terms are dmd_terms' free functions) ----------------------------------------------
     def losses(self, batch, phase):
-        return self.student_losses(batch) if phase == "student" else self.fake_losses(batch)
+        return self.student_losses(batch) if self.role(phase) == "student" else self.fake_losses(batch)
 
     def student_losses(self, batch) -> dict[str, torch.Tensor]:
         mc = self.cfg.method

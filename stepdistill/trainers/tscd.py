@@ -22,10 +22,6 @@ student); the head trains in every stage, the student's term ``gan_g`` is weight
 
 from __future__ import annotations
 
-import json
-import time
-from bisect import bisect_right
-from itertools import accumulate
 from typing import Literal
 
 import torch
@@ -41,7 +37,7 @@ from ..generators import tcd_sample
 from ..models import load_bundle
 from ..pipelines.plan import SamplingRecipe
 from ..schedules import lower_edge, segment_edges, solver_target_timestep, trailing_timesteps, tscd_timesteps
-from ..training import Method, Phase
+from ..training import Method, Phase, StageLog
 from .common import draw_conditions, ema_update, make_target, make_trainable, teacher_view
 
 DDIM_TRAILING_RECIPE = "sampling_ddim_trailing.json"
@@ -127,7 +123,6 @@ class TSCDMethod(Method):
         if mc.teacher_steps > T or max(s.segments for s in mc.stages) > T:
             raise UsageError(f"method.teacher_steps and stage segments must not exceed the teacher's {T} timesteps")
         self.skip = T // mc.teacher_steps  # the solver's skip interval (LCM's k)
-        self.stage_ends = list(accumulate(s.steps for s in mc.stages))
         shared = b.init_net if mc.student.lora else None  # LoRA: one frozen base for teacher, student, target
         self.student = make_trainable(b, "student", mc.student.lora, shared)
         self.target = make_target(b, self.student, mc.student.lora)
@@ -139,8 +134,8 @@ class TSCDMethod(Method):
             raise UsageError(f"method.x0_source=data but data {cfg.data.name!r} has no real samples; use "
                              f"x0_source: student (data-free) or an image dataset")
         self.head = self._gan_head() if mc.gan is not None else None
-        self.steps_done = 0
-        self.finished: list[dict] = []  # one record per finished stage (STAGES_FILE)
+        self.stages = StageLog([s.steps for s in mc.stages], STAGES_FILE, ctx.run_dir, ctx.is_main,
+                               describe=lambda i: {"segments": mc.stages[i].segments})
         self._enter_stage(0)
 
     def _gan_head(self) -> GANHead:
@@ -156,41 +151,33 @@ class TSCDMethod(Method):
 
     # -- stages -------------------------------------------------------------------------------------
     @property
+    def stage_index(self) -> int:
+        return self.stages.index
+
+    @property
     def stage(self):
         return self.cfg.method.stages[self.stage_index]
 
-    def _enter_stage(self, index: int, elapsed: float = 0.0) -> None:
-        self.stage_index = index
-        self._stage_t0 = time.time() - elapsed
+    def _enter_stage(self, index: int) -> None:
         T = self.bundle.schedule.num_train_timesteps
-        self.edges = segment_edges(self.stage.segments, T)
-        self.timesteps = torch.tensor(tscd_timesteps(self.cfg.method.teacher_steps, self.stage.segments, T),
+        segments = self.cfg.method.stages[index].segments
+        self.edges = segment_edges(segments, T)
+        self.timesteps = torch.tensor(tscd_timesteps(self.cfg.method.teacher_steps, segments, T),
                                       device=self.ctx.device)
 
     def after_phase(self, phase, step):
         if phase.name == "student":
             ema_update(self.target, self.student, self.cfg.method.target_decay)
-        if phase.name != self.phases()[-1].name:
-            return
-        self.steps_done = step + 1
-        if self.steps_done != self.stage_ends[self.stage_index]:
-            return
-        self._finish_stage()
-        if self.stage_index + 1 < len(self.stage_ends):
-            self._enter_stage(self.stage_index + 1)
-            ema_update(self.target, self.student, 0.0)  # the new stage starts from the student's weights
 
-    def _finish_stage(self) -> None:
-        self.finished.append({"stage": self.stage_index, "segments": self.stage.segments, "steps": self.stage.steps,
-                              "seconds": round(time.time() - self._stage_t0, 1)})
-        if self.ctx.run_dir is not None and self.ctx.is_main:
-            self.ctx.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.ctx.run_dir / STAGES_FILE).write_text(json.dumps(self.finished, indent=2) + "\n")
+    def after_step(self, step):
+        if self.stages.step_done(step) and step + 1 < self.stages.total:
+            self._enter_stage(self.stage_index)
+            ema_update(self.target, self.student, 0.0)  # the new stage starts from the student's weights
+        return ()
 
     def extra_state(self):
         tensors = {f"target/{k}": p for k, p in self.target.weights().items()}
-        return tensors, {"stage": self.stage_index, "segments": self.stage.segments, "steps_done": self.steps_done,
-                         "finished": self.finished, "stage_elapsed": time.time() - self._stage_t0}
+        return tensors, {**self.stages.state(), "segments": self.stage.segments}
 
     def load_extra_state(self, tensors, meta):
         stage = int(meta["stage"])
@@ -200,9 +187,8 @@ class TSCDMethod(Method):
         with torch.no_grad():
             for k, p in self.target.weights().items():
                 p.copy_(tensors[f"target/{k}"])
-        self.steps_done = int(meta["steps_done"])
-        self.finished = list(meta.get("finished", []))
-        self._enter_stage(stage, elapsed=float(meta.get("stage_elapsed", 0.0)))
+        self.stages.load_state(meta)
+        self._enter_stage(stage)
 
     # -- structure --------------------------------------------------------------------------------
     def networks(self):
@@ -221,8 +207,7 @@ class TSCDMethod(Method):
 
     def loss_weights(self, step):
         w = super().loss_weights(step)
-        stage = min(bisect_right(self.stage_ends, step), len(self.stage_ends) - 1)  # the stage `step` is in
-        w["gan_g"] = self._adv_weight(stage)
+        w["gan_g"] = self._adv_weight(self.stages.stage_at(step))
         return w
 
     def _adv_weight(self, stage: int) -> float:

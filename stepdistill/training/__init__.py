@@ -8,5 +8,6 @@ from __future__ import annotations
 from .checkpoint import latest_checkpoint
 from .loop import Trainer
 from .method import Context, Method, Phase
+from .stages import StageLog
 
-__all__ = ["Context", "Method", "Phase", "Trainer", "latest_checkpoint"]
+__all__ = ["Context", "Method", "Phase", "StageLog", "Trainer", "latest_checkpoint"]

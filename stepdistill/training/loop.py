@@ -104,7 +104,7 @@ class Trainer:
         self.emas: dict[str, EMAModel] = {}
         if ec.decay is None:
             return
-        for name in ec.networks or [self.method.export_network]:
+        for name in ec.networks or self.method.ema_networks():
             if name not in self.nets:
                 raise UsageError(f"train.ema.networks names {name!r}; networks are {sorted(self.nets)}")
             self.emas[name] = EMAModel([p for _, p in self.params[name]], decay=ec.decay,
@@ -147,6 +147,8 @@ class Trainer:
                 for name in phase.networks:
                     if name in self.emas:
                         self.emas[name].step([p for _, p in self.params[name]])
+            for name in self.method.after_step(self.step):
+                self._restart_ema(name)
             self.step += 1
             bar.update(1)
             if self.step % self.cfg.train.log_every == 0 or self.step == stop:
@@ -164,6 +166,13 @@ class Trainer:
             out = self._export()
         self.acc.end_training()
         return out
+
+    def _restart_ema(self, name: str) -> None:
+        """The method re-set network ``name``'s weights: its EMA starts over from them."""
+        if name in self.emas:
+            ema = self.emas[name]
+            ema.shadow_params = [p.detach().clone() for _, p in self.params[name]]
+            ema.optimization_step = 0
 
     def _run_phase(self, phase: Phase, weights: dict[str, float]) -> dict[str, float]:
         for opt in self.opts.values():

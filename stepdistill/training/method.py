@@ -6,7 +6,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
 import torch
 from torch import nn
@@ -27,9 +27,13 @@ class Phase:
     networks: tuple[str, ...]
     every: int = 1
     repeats: int = 1
+    start: int = 0  # the phase runs at steps start <= step < stop (stop None: to the end); ``every`` counts from start
+    stop: int | None = None
 
     def runs_at(self, step: int) -> bool:
-        return step % self.every == 0
+        if step < self.start or (self.stop is not None and step >= self.stop):
+            return False
+        return (step - self.start) % self.every == 0
 
 
 @dataclass
@@ -98,7 +102,17 @@ class Method(abc.ABC):
         return dict(getattr(self.cfg.method, "loss_weights", {}) or {})
 
     def after_phase(self, phase: Phase, step: int) -> None:
-        """Hook after a phase's optimiser step (EMA targets, stage changes ...)."""
+        """Hook after a phase's optimiser step (EMA targets ...)."""
+
+    def after_step(self, step: int) -> Iterable[str]:
+        """Hook after every phase of ``step`` ran (stage changes ...). Returns the networks whose weights the
+        method re-set (e.g. an expert initialised from the previous one): the loop restarts their EMA from the
+        new weights."""
+        return ()
+
+    def ema_networks(self) -> list[str]:
+        """The networks EMA averages when ``train.ema.networks`` is not given."""
+        return [self.export_network]
 
     def extra_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Method state beyond the trained parameters (tensors, JSON) for checkpoints."""
