@@ -63,8 +63,10 @@ class TrainConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (null: torch's default)")
 
-    def optim_for(self, network: str) -> OptimConfig:
-        extra = self.optim_per_network.get(network, {})
+    def optim_for(self, network: str, group: str | None = None) -> OptimConfig:
+        """``optim`` with the overrides of the network's group (e.g. ``fake_score`` for every phase's fake score)
+        and then of the network itself."""
+        extra = {**(self.optim_per_network.get(group, {}) if group else {}), **self.optim_per_network.get(network, {})}
         try:
             return OptimConfig(**{**self.optim.model_dump(), **extra})
         except ValidationError as e:

@@ -108,6 +108,10 @@ class PhasedDMDMethod(DMDMethod):
         if mc.boundaries is not None:
             starts = list(mc.boundaries)
         elif mc.boundaries_log_snr is not None:
+            lo, hi = float(b.schedule.log_snr(T - 1)), float(b.schedule.log_snr(0))
+            if not all(lo <= v <= hi for v in mc.boundaries_log_snr):
+                raise UsageError(f"method.boundaries_log_snr {mc.boundaries_log_snr} leave the teacher's schedule "
+                                 f"(log-SNR {lo:.2f} at t = {T - 1} to {hi:.2f} at t = 0)")
             starts = [int(t) for t in b.schedule.t_from_log_snr(mc.boundaries_log_snr)]
             if any(x <= y for x, y in zip(starts, starts[1:])):
                 raise UsageError(f"method.boundaries_log_snr {mc.boundaries_log_snr} map to timesteps {starts}, "
@@ -158,6 +162,11 @@ class PhasedDMDMethod(DMDMethod):
             out += [Phase(f"expert_{k}", (f"expert_{k}",), every=mc.student_every, **span),
                     Phase(f"fake_score_{k}", fake, repeats=mc.fake_repeats, **span)]
         return out
+
+    def network_group(self, name):
+        """``optim_per_network.fake_score`` / ``.student`` set every phase's fake score / expert."""
+        kind = name.rpartition("_")[0]
+        return {"expert": "student", "fake_score": "fake_score"}.get(kind)
 
     def ema_networks(self):
         return [f"expert_{k}" for k in range(self.chain.num_phases)]

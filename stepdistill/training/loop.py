@@ -85,7 +85,7 @@ class Trainer:
             if not named:
                 raise RuntimeError(f"network {name!r} has no trainable parameters")
             self.params[name] = named
-            oc = self.cfg.train.optim_for(name)
+            oc = self.cfg.train.optim_for(name, self.method.network_group(name))
             opt = torch.optim.AdamW([p for _, p in named], lr=oc.lr, betas=oc.betas, weight_decay=oc.weight_decay,
                                     eps=oc.eps)
             warm = oc.warmup_steps
@@ -203,7 +203,7 @@ class Trainer:
             params = [p for _, p in self.params[name]]
             if self.acc.num_processes > 1:
                 self._all_reduce_grads(params)
-            clip = self.cfg.train.optim_for(name).grad_clip
+            clip = self.cfg.train.optim_for(name, self.method.network_group(name)).grad_clip
             if clip:
                 norm = torch.nn.utils.clip_grad_norm_(params, clip)
                 logs[f"{phase.name}/log/grad_norm_{name}"] = float(norm)

@@ -110,6 +110,11 @@ class Method(abc.ABC):
         new weights."""
         return ()
 
+    def network_group(self, name: str) -> str | None:
+        """The group whose ``train.optim_per_network`` entry network ``name`` also takes (several networks of one
+        role, e.g. every phase's fake score); None: its own entry only."""
+        return None
+
     def ema_networks(self) -> list[str]:
         """The networks EMA averages when ``train.ema.networks`` is not given."""
         return [self.export_network]
