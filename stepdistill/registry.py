@@ -14,6 +14,7 @@ from .errors import UsageError
 METHODS: dict[str, str] = {
     "dmd": "stepdistill.trainers.dmd:DMDMethod",
     "phased_dmd": "stepdistill.trainers.phased_dmd:PhasedDMDMethod",
+    "msd": "stepdistill.trainers.msd:MSDMethod",
     "tscd": "stepdistill.trainers.tscd:TSCDMethod",
     "denoising": "stepdistill.trainers.denoising:DenoisingMethod",
 }

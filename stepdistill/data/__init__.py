@@ -3,6 +3,8 @@ data-free distillation). All randomness comes from the caller's generator, so ru
 
 from __future__ import annotations
 
+import torch
+
 from .base import DataSource, Sample
 
 __all__ = ["DataSource", "Sample", "Toy2DSource", "build_data"]
@@ -15,6 +17,9 @@ class Toy2DSource(DataSource):
     def sample(self, n, generator):
         x, modes = self.spec.sample(n, generator)
         return Sample(x, modes if self.conditional else None)
+
+    def condition_set(self):
+        return Sample(None, torch.arange(self.spec.num_modes)) if self.conditional else None
 
 
 def build_data(data_cfg, bundle=None) -> DataSource:

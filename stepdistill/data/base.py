@@ -29,3 +29,8 @@ class DataSource:
         """Conditions only (x0 = None)."""
         s = self.sample(n, generator)
         return Sample(None, s.labels, s.prompts)
+
+    def condition_set(self) -> Sample | None:
+        """Every distinct training condition once (class ids 0..C-1, or the prompts with their labels where they
+        name one); None for an unconditional source. What a partition of the condition space splits."""
+        return None

@@ -44,6 +44,9 @@ class DigitsSource(DataSource):
     def conditions(self, n, generator):
         return Sample(None, torch.randint(0, 10, (n,), generator=generator))
 
+    def condition_set(self):
+        return Sample(None, torch.arange(10))
+
 
 class DigitsSDSource(DataSource):
     """Text-to-image digits (the digits-sd benchmark): prompts from templates (``""`` with probability
@@ -76,6 +79,12 @@ class DigitsSDSource(DataSource):
             x0 = x0 + self.std[idx] * torch.randn(x0.shape, generator=generator)
         labels = self.labels[idx]
         return Sample(x0, labels, random_prompts(labels, generator, self.templates, self.empty_prompt_prob))
+
+    def condition_set(self):
+        from .prompts import digit_prompt
+
+        pairs = [(d, digit_prompt(d, t)) for t in self.templates for d in range(10)]
+        return Sample(None, torch.tensor([d for d, _ in pairs]), [p for _, p in pairs])
 
     def conditions(self, n, generator):
         """Prompts for data-free distillation: never empty (the null branch comes from the conditioner)."""

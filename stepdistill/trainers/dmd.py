@@ -27,7 +27,7 @@ from ..generators import FewStepGenerator
 from ..models import load_bundle
 from ..pipelines.plan import SamplingRecipe
 from ..training import Method, Phase
-from .common import RegressionPairs, draw_conditions, make_trainable, teacher_view
+from .common import RegressionPairs, make_trainable, teacher_view
 from .dmd_terms import distribution_matching_loss, fake_score_loss, gan_discriminator_loss, gan_generator_loss
 
 PAIRS_FILE = "regression_pairs.safetensors"
@@ -167,11 +167,16 @@ class DMDMethod(Method):
     def uses_regression(self, phase: str) -> bool:
         return True
 
+    def raw_conditions(self, phase: str, n: int):
+        """The conditions (a ``data.Sample`` of labels / prompts) of a batch of ``phase``."""
+        return self.data.conditions(n, self.ctx.generator)
+
     def batch(self, phase):
         n, g, role = self.cfg.train.batch_size, self.ctx.generator, self.role(phase)
-        cond = draw_conditions(self.bundle, self.data, n, g)
+        raw = self.raw_conditions(phase, n)
+        cond = self.bundle.conditioner.encode(raw.labels, raw.prompts)
         z = self.ctx.randn(n, *self.bundle.sample_shape)
-        out = {"z": z, "cond": cond, **self.draw_step(phase)}
+        out = {"z": z, "cond": cond, "raw": raw, **self.draw_step(phase)}
         if (role == "student" and self.pairs is not None and self.cfg.method.loss_weights["reg"] > 0
                 and self.uses_regression(phase)):
             rn = self.cfg.method.regression.batch_size or n

@@ -171,6 +171,10 @@ class PhasedDMDMethod(DMDMethod):
     def ema_networks(self):
         return [f"expert_{k}" for k in range(self.chain.num_phases)]
 
+    def finished_networks(self, step):
+        k = self.stages.stage_at(step)
+        return (f"expert_{k}",) if step + 1 == self.stages.stop(k) else ()
+
     def after_step(self, step):
         if not self.stages.step_done(step) or step + 1 >= self.stages.total:
             return ()

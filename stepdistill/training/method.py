@@ -104,6 +104,12 @@ class Method(abc.ABC):
     def after_phase(self, phase: Phase, step: int) -> None:
         """Hook after a phase's optimiser step (EMA targets ...)."""
 
+    def finished_networks(self, step: int) -> Iterable[str]:
+        """Networks whose training ends with ``step`` (e.g. an expert at the end of its phase, which later phases
+        then run frozen): the loop replaces their weights by their EMA average, so that what later steps use is
+        what gets exported. Called before :meth:`after_step`."""
+        return ()
+
     def after_step(self, step: int) -> Iterable[str]:
         """Hook after every phase of ``step`` ran (stage changes ...). Returns the networks whose weights the
         method re-set (e.g. an expert initialised from the previous one): the loop restarts their EMA from the
