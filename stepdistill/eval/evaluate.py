@@ -92,6 +92,8 @@ def evaluate_entry(bench: Benchmark, entry: Entry, out_dir: Path, num_samples: i
                                        bench.mixture.means, entry.name).relative_to(out_dir))
         return row
     row.update(_image_metrics(bench, conds, fid, rec, correct, clip_scores))
+    if entry.spec.router is not None and rec is not None:
+        row["part_rows"] = _part_rows(bench, entry, conds, rec.features(), correct, clip_scores)
     if grid:
         row["grid"] = _save_grid(torch.cat(grid), out_dir, entry.name)
     if x0_samples > 0:
@@ -139,6 +141,45 @@ def _image_metrics(bench, conds, fid, rec, correct, clip_scores) -> dict:
     if feats is not None and len(feats):
         out["diversity"] = diversity(feats, conds.groups())
     return out
+
+
+def _part_rows(bench, entry, conds, feats, correct, clip_scores) -> list[dict]:
+    """One row per route of a routed student: the same samples' scores restricted to the conditions it owns. The
+    reference of a part is the reference images the benchmark's classifier assigns to the part's classes."""
+    from .fid import fid_from_features
+
+    router = entry.spec.router
+    emb = entry.sampler.prompt_embeddings(conds.prompts) if router.by == "prompt_embedding" else None
+    route = router.route(labels=conds.labels, embeddings=emb)
+    ref_labels = None
+    if bench.reference is not None and bench.classifier is not None and conds.labels is not None:
+        with torch.no_grad():
+            ref_labels = bench.classifier.classifier.head(bench.reference.features.to(
+                next(bench.classifier.parameters()).device)).argmax(1).cpu()
+    ok = torch.cat(correct) if correct else None
+    clip = torch.cat(clip_scores) if clip_scores else None
+    rows = []
+    for r, part in enumerate(router.routes):
+        idx = (route == r).nonzero().squeeze(1)
+        if len(idx) < 2:
+            continue
+        net = part.segments[0].network or "student"
+        row = empty_row(f"{entry.name} · {net}", entry.method, entry.model)
+        row.update(part=net, num_samples=len(idx), nfe=None, steps=entry.spec.steps)
+        mine = feats[idx]
+        if ref_labels is not None:
+            classes = torch.tensor(sorted(set(conds.labels[idx].tolist())))
+            ref = bench.reference.features[torch.isin(ref_labels, classes)]
+            if len(ref) >= 2:
+                row["fid"] = fid_from_features(ref, mine)
+        if ok is not None:
+            row["condition_accuracy"] = float(ok[idx].double().mean())
+        if clip is not None:
+            row["clip_score"] = float(clip[idx].mean())
+        groups = conds.groups()
+        row["diversity"] = diversity(mine, None if groups is None else [groups[i] for i in idx.tolist()])
+        rows.append(row)
+    return rows
 
 
 def _toy_metrics(bench, pts: torch.Tensor, seed: int) -> dict:

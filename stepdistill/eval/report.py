@@ -56,6 +56,9 @@ class ReportRow(BaseModel):
                                                               "to the final image")
     settle_step: int | None = Field(None, description="first step (1-based) from which every x0 is within 0.05 "
                                                       "feature distance of the final image: the layout is fixed")
+    part: str | None = Field(None, description="a routed student's part: this row scores only the samples of the "
+                                               "conditions that student owns (FID against the reference images the "
+                                               "benchmark classifier assigns to those classes)")
 
 
 class Report(BaseModel):
