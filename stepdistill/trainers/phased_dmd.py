@@ -254,7 +254,10 @@ class PhasedDMDMethod(DMDMethod):
         """K segments, one per expert, on one stock ``TCDScheduler`` with eta 0 (deterministic DDIM jumps between
         the chained timesteps, the last to timestep 0), guidance 1 (the teacher's CFG is distilled in)."""
         segments = [Segment(network=f"expert_{k}", timesteps=ts) for k, ts in enumerate(self.chain.timesteps)]
-        return SamplingRecipe(scheduler="TCDScheduler", eta=0.0, timesteps=list(self.chain.chain),
+        # original_inference_steps = T: every timestep is on TCD's grid (it only checks custom timesteps against it)
+        T = self.bundle.schedule.num_train_timesteps
+        return SamplingRecipe(scheduler="TCDScheduler", scheduler_kwargs={"original_inference_steps": T}, eta=0.0,
+                              timesteps=list(self.chain.chain),
                               num_inference_steps=len(self.chain.chain), guidance_scale=1.0, method=self.name,
                               prediction_type=self.experts[0].denoiser.prediction_type, segments=segments,
                               phase_starts=self.starts)
