@@ -1,17 +1,23 @@
 """The ``stepdistill`` command: a thin entry point per subcommand (parse, build, run, clean up).
 
 User mistakes (missing file, bad YAML, unknown key, wrong type, existing run directory ...) print one
-line on stderr and exit 2, with no traceback.
+line on stderr and exit 2, with no traceback; a run that cannot go on (non-finite weights, a full disk) one
+line and exit 1; SIGINT / SIGTERM one line and exit 130 / 143, a training writing a checkpoint first
+(``stepdistill.signals``). One training at a time per run directory (``training.runlock``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
+import signal
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
+from . import signals
 from .errors import TrainingFault, UsageError
 
 EXIT_USAGE, EXIT_FAULT = 2, 1
@@ -25,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides, e.g. train.steps=200 method.guidance=3 (values are YAML)")
+                   help="dotted overrides, e.g. train.steps=200 train.optim.lr=2e-4 (values are YAML)")
     p.add_argument("--out", type=Path, help="run directory (default: runs/<config folder>-<config name>)")
     p.add_argument("--max-steps", type=int, help="stop after N steps (smoke tests, quick tries); the LR "
                                                   "schedule still follows train.steps")
@@ -80,21 +86,34 @@ def cmd_run(args, kind: str) -> int:
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError("--max-steps must be >= 1")
     run_dir = _run_dir(args)
-    if run_dir.exists() and any(run_dir.iterdir()) and not args.resume:
-        if not args.overwrite:
-            raise UsageError(f"run directory {run_dir} exists; pass --resume to continue it or --overwrite "
-                             f"to replace it")
-        if _is_main():
-            shutil.rmtree(run_dir)
-    trainer = Trainer(cfg, method, run_dir, max_steps=args.max_steps, resume=args.resume,
-                      show_progress=not args.quiet)
-    try:
-        out = trainer.fit()
-    except KeyboardInterrupt:
-        last = trainer.latest_checkpoint()
-        print(f"stepdistill: interrupted at step {trainer.step}; last checkpoint {last}; continue with --resume",
-              file=sys.stderr)
-        return 130
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir} is a file; give a directory for the run")
+    from .training.runlock import LOCK_FILE, RunLock
+
+    with RunLock(run_dir) if _is_main() else nullcontext():
+        existing = [p for p in run_dir.iterdir() if p.name != LOCK_FILE] if run_dir.is_dir() else []
+        if existing and not args.resume:
+            if not args.overwrite:
+                raise UsageError(f"run directory {run_dir} exists; pass --resume to continue it or --overwrite "
+                                 f"to replace it")
+            if _is_main():
+                for p in existing:
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p)
+                    else:
+                        p.unlink()
+        trainer = Trainer(cfg, method, run_dir, max_steps=args.max_steps, resume=args.resume,
+                          show_progress=not args.quiet)
+        try:
+            out = trainer.fit()
+        except (KeyboardInterrupt, signals.Interrupted) as e:
+            stop = e if isinstance(e, signals.Interrupted) else signals.Interrupted(signal.SIGINT)
+            last = trainer.latest_checkpoint()
+            again = " ".join(shlex.quote(str(a)) for a in ["stepdistill", kind, args.config, *args.overrides,
+                                                           "--out", run_dir, "--resume"])
+            saved = f"last checkpoint {last}; continue with: {again}" if last else "no checkpoint was written"
+            print(f"stepdistill: stopped by {stop.name}; {saved}", file=sys.stderr)
+            return stop.exit_code
     if out is not None and _is_main():
         print(f"stepdistill: wrote {out}")
     return 0
@@ -136,4 +155,5 @@ SUBCOMMAND_MODULES: list[str] = [
 
 
 def entry() -> None:
+    signals.install()
     sys.exit(main())

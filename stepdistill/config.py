@@ -19,6 +19,7 @@ from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationEr
                       model_validator)
 
 from .errors import UsageError
+from .userfiles import read_text
 
 
 class Strict(BaseModel):
@@ -29,12 +30,21 @@ class Strict(BaseModel):
 class OptimConfig(Strict):
     """AdamW (Loshchilov & Hutter) with linear warmup to a constant learning rate."""
 
+    model_config = ConfigDict(allow_inf_nan=False)  # a learning rate of inf validates, then diverges at step 0
+
     lr: float = Field(1e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="each in [0, 1)")
     weight_decay: float = Field(0.0, ge=0)
     eps: float = Field(1e-8, gt=0)
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null disables clipping")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError("each beta must be in [0, 1)")
+        return betas
 
 
 class EMAConfig(Strict):
@@ -62,6 +72,23 @@ class TrainConfig(Strict):
     log_with: Literal["auto", "none", "tensorboard"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (null: torch's default)")
+
+    @model_validator(mode="after")
+    def _optim_overrides(self):
+        """Each ``optim_per_network`` entry is checked here (keys and values); its network name is checked
+        against the method's networks when the trainer builds them."""
+        for name, extra in self.optim_per_network.items():
+            if not isinstance(extra, dict):
+                raise ValueError(f"optim_per_network.{name} must be a mapping of optim keys, e.g. {{lr: 2e-4}}")
+            unknown = sorted(set(extra) - set(OptimConfig.model_fields))
+            if unknown:
+                raise ValueError(f"optim_per_network.{name}: unknown key(s) {unknown}; valid keys: "
+                                 f"{', '.join(OptimConfig.model_fields)}")
+            try:
+                OptimConfig(**{**self.optim.model_dump(), **extra})
+            except ValidationError as e:
+                raise ValueError(f"optim_per_network.{name}: {_first_error(e)}") from None
+        return self
 
     def optim_for(self, network: str, group: str | None = None) -> OptimConfig:
         """``optim`` with the overrides of the network's group (e.g. ``fake_score`` for every phase's fake score)
@@ -206,7 +233,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), s
     if not path.is_file():
         raise UsageError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(read_text(path, "YAML config")) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""

@@ -179,13 +179,19 @@ def load_peft_lora(net: nn.Module, path: Path, name: str = "default") -> None:
     from peft.utils import set_peft_model_state_dict
     from safetensors import safe_open
 
+    from .userfiles import check_safetensors
+
     path = Path(path)
     if path.is_dir():
         path = path / LORA_WEIGHT_NAME
     if not path.exists():
         raise UsageError(f"LoRA file not found: {path}")
+    check_safetensors(path, fix="export the LoRA again")
     with safe_open(str(path), "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("lora_config", "{}"))
+        try:
+            meta = json.loads((f.metadata() or {}).get("lora_config", "{}"))
+        except json.JSONDecodeError:
+            meta = {}
         sd = {k: f.get_tensor(k) for k in f.keys()}
     if not meta:
         raise UsageError(f"{path} carries no lora_config metadata; it was not written by stepdistill")

@@ -219,15 +219,20 @@ def _sd_scratch_bundle(model_cfg, sched_cfg: dict, schedule: NoiseSchedule, devi
 
 def load_mlp(path: Path) -> tuple[MLP, str]:
     """Load a toy MLP folder (``config.json`` + ``model.safetensors``); returns (net, prediction_type)."""
-    from safetensors.torch import load_file
+    from .userfiles import load_safetensors, read_json
 
     cfg_file, weights = path / "config.json", path / "model.safetensors"
     if not cfg_file.exists() or not weights.exists():
         raise UsageError(f"{path} is not a toy MLP folder (needs config.json and model.safetensors)")
-    cfg = json.loads(cfg_file.read_text())
-    pred = cfg.pop("prediction_type", "epsilon")
-    net = MLP(**cfg)
-    net.load_state_dict(load_file(weights))
+    cfg = read_json(cfg_file, "toy MLP config")
+    pred = cfg.pop("prediction_type", "epsilon") if isinstance(cfg, dict) else None
+    state = load_safetensors(weights, fix="export the network again")
+    try:
+        net = MLP(**cfg)
+        net.load_state_dict(state)
+    except (TypeError, RuntimeError) as e:
+        raise UsageError(f"{path}: config.json and model.safetensors do not make a toy MLP "
+                         f"({str(e).splitlines()[0][:160]})") from None
     return net, pred
 
 

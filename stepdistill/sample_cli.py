@@ -15,7 +15,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample a trained student (its sampling recipe) or a teacher",
                        description="Sample a run's student with RUN/student/sampling.json (stock Diffusers "
                                    "scheduler, LoRA loaded into the stock pipeline), or a teacher with DDIM. "
-                                   "Writes DIR/grid.png and one PNG per sample (a scatter plot for toy2d).")
+                                   "Writes DIR/grid.png and one PNG per sample (toy2d: a scatter plot and "
+                                   "points.safetensors).")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", type=Path, help="training run directory (uses RUN/student)")
     src.add_argument("--model", help="teacher: toy2d, digits, digits-sd or a local Diffusers folder")
@@ -53,24 +54,31 @@ def _conditions(args, loaded):
     if bench == "digits-sd":
         from .data.prompts import digit_prompt
 
-        labels = _labels(args.labels)
+        labels = _labels(args.labels, 10)
         return Conditions(labels=torch.tensor([l for l in labels for _ in range(args.num)]),
                           prompts=[digit_prompt(l) for l in labels for _ in range(args.num)])
     if bench == "digits" or args.labels:
-        labels = _labels(args.labels)
+        classes = 10 if bench == "digits" else getattr(getattr(loaded.sampler, "conditioner", None), "num_classes",
+                                                       None)
+        labels = _labels(args.labels, classes)
         return Conditions(labels=torch.tensor([l for l in labels for _ in range(args.num)]))
     if bench == "toy2d":
         return Conditions()
     raise UsageError("this model needs --prompt (text-to-image) or --labels (class-conditional)")
 
 
-def _labels(text: str | None) -> list[int]:
+def _labels(text: str | None, num_classes: int | None = None) -> list[int]:
     if not text:
         return list(range(10))
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        labels = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UsageError(f"--labels must be comma-separated integers, got {text!r}") from None
+    top = num_classes if num_classes is not None else float("inf")
+    if not labels or any(not 0 <= l < top for l in labels):
+        known = f"0..{num_classes - 1}" if num_classes is not None else "ids >= 0"
+        raise UsageError(f"--labels {text}: this model knows class {known}")
+    return labels
 
 
 def run(args) -> int:
@@ -80,11 +88,17 @@ def run(args) -> int:
 
     if args.num < 1 or args.batch_size < 1:
         raise UsageError("--num and --batch-size must be >= 1")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps {args.steps}: give a step count >= 1")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file; give a folder for the samples")
+    if args.labels is not None:  # before any model loads (the range again once it has, for other models)
+        _labels(args.labels, 10 if args.model in ("digits", "digits-sd") else None)
     if args.hybrid_base_steps is not None and (not args.run or args.hybrid_base_steps < 1):
         raise UsageError("--hybrid-base-steps N needs --run RUN_DIR (the student) and N >= 1")
     loaded = load_run(args.run) if args.run else load_teacher(args.model)
     spec = loaded.spec or SamplingRecipe(scheduler="DDIMScheduler", num_inference_steps=50)
-    if args.steps:
+    if args.steps is not None:
         spec = spec.with_steps(args.steps)
     if args.guidance is not None:
         spec = spec.model_copy(update={"guidance_scale": args.guidance})
@@ -99,10 +113,15 @@ def run(args) -> int:
         j = min(n, i + args.batch_size)
         outs.append(loaded.sampler(spec, conds.slice(i, j) if len(conds) else conds, seeds[i:j]))
     x = torch.cat(outs)
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create --out {args.out}: {e.strerror or e}") from None
     if loaded.sampler.output == "points":
+        from safetensors.torch import save_file
+
         path = save_scatter(x, args.out / "points.png", title=f"{loaded.source}: {spec.label()}")
-        torch.save(x, args.out / "points.pt")
+        save_file({"points": x.contiguous()}, args.out / "points.safetensors")
     else:
         from PIL import Image
 

@@ -118,9 +118,11 @@ def test_crash_while_saving_keeps_last_good_checkpoint(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real(tensors, path, *a, **k)
     monkeypatch.setattr(st, "save_file", flaky)
-    with pytest.raises(OSError):
+    with pytest.raises(TrainingFault, match=r"cannot write .*step-0000010 \(disk full; .* free there\); last good "
+                                            r"checkpoint: .*step-0000005"):
         run(tmp_path / "run", resume=True)
     assert latest_checkpoint(tmp_path / "run") == good
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))  # the staging folder is gone
     after = load_file(good / "weights.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
 

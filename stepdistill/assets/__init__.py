@@ -30,9 +30,11 @@ def path(name: str, root: Path | None = None) -> Path:
     unknown, missing or corrupt."""
     from .registry import ASSETS
 
+    shipped = root is None
     root = Path(root) if root is not None else ROOT
     folder = root / name
-    if name not in ASSETS and not folder.is_dir():
+    plain = name not in ("", ".", "..") and "/" not in name and "\\" not in name
+    if not plain or (name not in ASSETS and (shipped or not folder.is_dir())):
         raise UsageError(f"unknown asset {name!r}; known assets: {', '.join(sorted(ASSETS))}")
     fix = f"rebuild it with `{rebuild_command(name)}`"
     if not folder.is_dir():
@@ -53,6 +55,8 @@ def check(folder: Path) -> str | None:
     signature = []
     for rel, meta in sorted(files.items()):
         f = folder / rel
+        if Path(rel).is_absolute() or not f.resolve().is_relative_to(Path(folder).resolve()):
+            return f"{MANIFEST} lists {rel!r}, a file outside the asset folder"
         if not f.is_file():
             return f"{rel} is missing"
         st = f.stat()

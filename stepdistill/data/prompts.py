@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from ..errors import UsageError
+from ..userfiles import read_lines
 from .base import DataSource, Sample
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -71,7 +72,7 @@ class PromptSource(DataSource):
         path = Path(cfg.file).expanduser()
         if not path.is_file():
             raise UsageError(f"prompt file not found: {path} (data.file)")
-        self.prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        self.prompts = read_lines(path, "prompt file (data.file)")
         if not self.prompts:
             raise UsageError(f"prompt file {path} has no prompts (data.file)")
 

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from ..errors import UsageError
+from ..userfiles import read_lines
 from .features import ClassifierFeatures, FeatureExtractor
 from .reference import Reference, reference
 from ..pipelines.samplers import Conditions
@@ -66,7 +67,7 @@ def read_prompts(path: str | Path) -> list[str]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise UsageError(f"prompt file not found: {p}")
-    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    prompts = read_lines(p, "prompt file")
     if not prompts:
         raise UsageError(f"prompt file {p} has no prompts")
     return prompts

@@ -111,6 +111,10 @@ def _check_args(args) -> None:
         parse_steps(args.steps)
     if args.hybrid_base_steps is not None and (not args.run or args.hybrid_base_steps < 1):
         raise UsageError("--hybrid-base-steps N needs --run RUN_DIR (the student) and N >= 1")
+    if Path(args.recipe).name != args.recipe or args.recipe in (".", ".."):
+        raise UsageError(f"--recipe {args.recipe!r}: give a file name in RUN/student/, e.g. sampling.json")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file; give a folder for the report")
 
 
 def run(args) -> int:

@@ -47,9 +47,10 @@ def register(arch: dict, name: str, folder: Path) -> None:
     name again replaces the earlier config."""
     import open_clip
 
-    reg = Path(tempfile.mkdtemp(prefix="stepdistill-open_clip-")) / f"{name}.json"
-    reg.write_text(json.dumps(resolved_config(arch, folder)))
-    open_clip.add_model_config(reg)
+    with tempfile.TemporaryDirectory(prefix="stepdistill-open_clip-") as tmp:  # open_clip reads it at once
+        reg = Path(tmp) / f"{name}.json"
+        reg.write_text(json.dumps(resolved_config(arch, folder)))
+        open_clip.add_model_config(reg)
 
 
 def register_config(folder: Path, name: str = DIGITS_CLIP) -> None:

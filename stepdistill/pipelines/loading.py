@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from ..errors import UsageError
+from ..userfiles import check_safetensors, inside, read_text
 from .plan import RECIPE_FILE, TEACHER, SamplingRecipe, plan_hybrid
 from .samplers import Conditions, DenoiserSampler, PipelineSampler, Sampler
 
@@ -137,7 +138,7 @@ def run_config(run_dir: Path):
     if not cfg_file.is_file():
         raise UsageError(f"{run_dir} is not a training run (no config.yaml)")
     try:
-        raw = yaml.safe_load(cfg_file.read_text()) or {}
+        raw = yaml.safe_load(read_text(cfg_file, "YAML config")) or {}
         model = ModelConfig.model_validate(raw.get("model") or {})
         data = TypeAdapter(DataConfig).validate_python(raw.get("data") or {})
     except (yaml.YAMLError, ValidationError) as e:
@@ -168,11 +169,13 @@ def load_student(student_dir: str | Path, pipe=None, device="cpu", recipe: str =
         model_cfg = ModelConfig(pretrained=spec.base)
     table = spec.network_table()
     for name, entry in table.items():
-        folder = student_dir / entry.path
+        folder = inside(student_dir, entry.path, f"network {name!r} path")
         if entry.format is None:  # a recipe that does not say: the files do
             entry.format = "lora" if _has_network(folder, "lora") else "full"
         if not folder.is_dir() or not _has_network(folder, entry.format):
             raise UsageError(f"{student_dir} lacks network {name!r} ({entry.format} in {folder}); re-export the run")
+        for f in sorted(folder.rglob("*.safetensors")):  # torn or truncated weights: one line, not a traceback
+            check_safetensors(f, fix="re-export the run")
     kind = None
     if pipe is None and model_cfg.pretrained not in (None, "toy2d"):
         from ..models import family

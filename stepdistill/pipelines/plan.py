@@ -32,6 +32,7 @@ from typing import Any, Callable, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import UsageError
+from ..userfiles import read_text
 
 RECIPE_FILE = "sampling.json"
 TEACHER = "teacher"  # segment network name of the base model (adapters off)
@@ -135,6 +136,9 @@ class SamplingRecipe(BaseModel):
     def _has_steps(self):
         if self.num_inference_steps is None and not self.timesteps and not self.segments and self.router is None:
             raise ValueError("set num_inference_steps or timesteps")
+        ts = self.timesteps
+        if ts and (any(a <= b for a, b in zip(ts, ts[1:])) or min(ts) < 0):
+            raise ValueError(f"timesteps must be a strictly decreasing list >= 0, got {ts}")
         for segs in self.all_segments():
             if len(segs) > 1 and any(s.timesteps is None for s in segs):
                 raise ValueError("every segment of a multi-segment plan needs its timesteps")
@@ -183,6 +187,16 @@ class SamplingRecipe(BaseModel):
         parts = f" {len(self.router.routes)} routes" if self.router else f" {len(segs)} segments" if segs else ""
         return f"{name}-{self.steps}{w}{parts}"
 
+    def check_timesteps(self, num_train_timesteps: int) -> None:
+        """UsageError unless every timestep of the plan lies in the schedule's [0, num_train_timesteps)."""
+        T = int(num_train_timesteps)
+        listed = [t for t in self.timesteps or []] + [t for segs in self.all_segments() for s in segs
+                                                       for t in s.timesteps or []]
+        outside = sorted({t for t in listed if not 0 <= t < T})
+        if outside:
+            raise UsageError(f"the plan's timesteps {outside} lie outside the schedule's [0, {T}); fix the "
+                             f"recipe's timesteps")
+
     def with_steps(self, num_inference_steps: int) -> "SamplingRecipe":
         """The same one-segment recipe at another step count (students sampled at any count, e.g. TSCD)."""
         if self.segments or self.router is not None:
@@ -230,7 +244,7 @@ class SamplingRecipe(BaseModel):
         if not path.is_file():
             raise UsageError(f"sampling recipe not found: {path} (run 'stepdistill train' to completion first)")
         try:
-            return cls.model_validate(json.loads(path.read_text()))
+            return cls.model_validate(json.loads(read_text(path, "sampling recipe (JSON)")))
         except json.JSONDecodeError as e:
             raise UsageError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
         except ValidationError as e:

@@ -74,6 +74,7 @@ class Sampler:
     def __call__(self, recipe: SamplingRecipe, conds: Conditions, seeds: Sequence[int],
                  callback: StepCallback | None = None) -> torch.Tensor:
         """Sample the whole plan. ``callback(i, t, x, x0_pred, network)`` runs after every step (unrouted plans)."""
+        recipe.check_timesteps(self.scheduler_config().get("num_train_timesteps", 1000))
         if recipe.router is None:
             return self.run(recipe, recipe.plan_segments(), conds, list(seeds), callback)
         if callback is not None:

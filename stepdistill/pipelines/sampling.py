@@ -26,8 +26,8 @@ def make_scheduler(name: str, base_config: dict, **kwargs):
     """A stock Diffusers scheduler class by name, from the teacher's scheduler config plus ``kwargs``."""
     import diffusers
 
-    cls = getattr(diffusers, name, None)
-    if cls is None or not hasattr(cls, "from_config"):
+    cls = getattr(diffusers, name, None) if name.endswith("Scheduler") else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
         from ..errors import UsageError
 
         raise UsageError(f"unknown scheduler {name!r}; use a Diffusers scheduler class name such as "

@@ -1,19 +1,23 @@
 """Checkpoint files: ``RUN/checkpoints/step-NNNNNNN/`` holds ``weights`` (trained parameters and a method's
 extra tensors), ``optimizer``, ``ema`` and ``rng_rank{i}`` safetensors plus ``state.json`` (step, JSON
 state). A checkpoint is written into a hidden staging folder and renamed into place, so a crash while
-saving leaves the previous one as the newest complete checkpoint. The loop (:mod:`.loop`) decides when
-and on which process; these helpers read and write the pieces."""
+saving leaves the previous one as the newest complete checkpoint. ``state.json`` is written last and lists
+every other file with its sha256; :func:`verify` checks them before a resume trusts the checkpoint (a torn,
+truncated or altered file fails it). The loop (:mod:`.loop`) decides when and on which process, and checks
+that what it writes is finite (:func:`nonfinite`); these helpers read and write the pieces."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import safetensors.torch as st
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import UsageError
@@ -23,6 +27,10 @@ STATE_FILE = "state.json"
 EMPTY = {"_empty": torch.zeros(1)}  # safetensors cannot write an empty file
 
 
+class CorruptCheckpoint(Exception):
+    """A checkpoint that fails :func:`verify` (unreadable state, a file missing, torn or altered)."""
+
+
 def checkpoint_dir(root: Path, step: int, staging: bool = False) -> Path:
     return Path(root) / f"{'.tmp-' if staging else ''}{CHECKPOINT_PREFIX}{step:07d}"
 
@@ -30,6 +38,20 @@ def checkpoint_dir(root: Path, step: int, staging: bool = False) -> Path:
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first."""
     return sorted(p for p in Path(root).glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).exists())
+
+
+def staging_dirs(root: Path) -> list[Path]:
+    """Staging folders a crashed or failed write left under ``root``."""
+    return sorted(Path(root).glob(f".tmp-{CHECKPOINT_PREFIX}*"))
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename a checkpoint that failed :func:`verify` to a hidden ``.corrupt-step-N`` beside it (kept for a look,
+    no longer a resume candidate); returns the new path."""
+    aside = ckpt.with_name(f".corrupt-{ckpt.name}")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(ckpt, aside)
+    return aside
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -46,11 +68,77 @@ def publish(staging: Path, final: Path, keep: int) -> None:
 
 
 def write_state(folder: Path, state: dict[str, Any]) -> None:
-    (folder / STATE_FILE).write_text(json.dumps(state))
+    """``state.json``, written after every other file: the state plus ``files``, each file's sha256, and
+    ``state_sha256``, the hash of the rest of ``state.json`` itself."""
+    files = {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != STATE_FILE}
+    body = {**state, "files": files}
+    (folder / STATE_FILE).write_text(json.dumps({**body, "state_sha256": _digest(body)}))
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / STATE_FILE).read_text())
+
+
+def sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _digest(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def verify(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's state if every file ``state.json`` lists is there with its sha256; CorruptCheckpoint
+    naming the first problem otherwise. A checkpoint written before files were hashed is read in full instead:
+    its safetensors files must load and hold finite values."""
+    try:
+        state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CorruptCheckpoint(f"{STATE_FILE} is unreadable: {str(e).splitlines()[0]}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CorruptCheckpoint(f"{STATE_FILE} holds no step")
+    files = state.get("files")
+    if "state_sha256" in state and state["state_sha256"] != _digest({k: v for k, v in state.items()
+                                                                     if k != "state_sha256"}):
+        raise CorruptCheckpoint(f"{STATE_FILE} does not match its recorded sha256")
+    if files is None:
+        for f in sorted(ckpt.glob("*.safetensors")):
+            try:
+                bad = nonfinite(st.load_file(f).items())
+            except (SafetensorError, OSError) as e:
+                raise CorruptCheckpoint(f"{f.name} is unreadable: {str(e).splitlines()[0]}") from None
+            if bad:
+                raise CorruptCheckpoint(f"{f.name} holds non-finite values ({describe_nonfinite(bad)})")
+        return state
+    if not isinstance(files, dict):
+        raise CorruptCheckpoint(f"{STATE_FILE} lists no files")
+    for name, digest in files.items():
+        f = ckpt / name
+        if "/" in name or name in ("", ".", "..") or not f.is_file():
+            raise CorruptCheckpoint(f"{name} is missing")
+        if sha256(f) != digest:
+            raise CorruptCheckpoint(f"{name} does not match its recorded sha256")
+    return state
+
+
+def nonfinite(tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, int]:
+    """{name: number of NaN / inf values} of the floating-point tensors that hold any."""
+    out = {}
+    for name, t in tensors:
+        if torch.is_tensor(t) and t.is_floating_point():
+            n = int((~torch.isfinite(t.detach())).sum())
+            if n:
+                out[name] = n
+    return out
+
+
+def describe_nonfinite(bad: dict[str, int]) -> str:
+    first = next(iter(bad))
+    return f"{sum(bad.values())} NaN/inf values in {len(bad)} tensor(s), first {first}"
 
 
 # ---- trained weights --------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The one training loop. A :class:`~.method.Method` is its networks, its update phases (data) and a pure
 ``losses(batch, phase) -> dict``; the :class:`Trainer` owns everything else: accelerate, precision,
 optimisers, warmup, clipping, loss weights, EMA, gradient accumulation, logging, progress, checkpoints and
-resume.
+resume (from the newest checkpoint that verifies), and stops that lose nothing: a SIGINT / SIGTERM ends the
+current step and checkpoints it (``stepdistill.signals``); non-finite weights or a failed write stop the run
+with one line naming the last good checkpoint, and nothing non-finite or half-written is ever a checkpoint.
 
 Many processes: run under ``accelerate launch``; gradients of a phase's parameters are averaged across
 processes with one flat all-reduce (accelerate's ``reduce``) before the optimiser step, and only the
@@ -13,17 +15,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from safetensors import SafetensorError
+
+from .. import signals
 from ..config import RunConfig, dump_config
 from ..errors import TrainingFault, UsageError
-from .checkpoint import (checkpoint_dir, latest_checkpoint, publish, read_ema, read_optimizers, read_rng, read_state,
-                         read_weights, write_ema, write_optimizers, write_rng, write_state, write_weights)
+from .checkpoint import (CorruptCheckpoint, checkpoint_dir, complete_checkpoints, describe_nonfinite,
+                         latest_checkpoint, nonfinite, publish, read_ema, read_optimizers, read_rng, read_weights,
+                         set_aside, staging_dirs, verify, write_ema, write_optimizers, write_rng, write_state,
+                         write_weights)
 from .method import Context, Method, Phase
 
 
@@ -33,6 +42,7 @@ class Trainer:
         self.cfg, self.method_cls, self.run_dir = cfg, method_cls, run_dir
         self.max_steps, self.resume, self.show_progress = max_steps, resume, show_progress
         self.step = 0
+        self.window: dict[str, list[float]] = {}  # loss values since the last metrics row (checkpointed)
         self._spent = {"wall_s": 0.0, "cpu_s": 0.0}  # training time of earlier sessions of this run (resume)
         self._clock = (time.time(), time.process_time())
 
@@ -76,6 +86,11 @@ class Trainer:
         from ..attention import configure_network
 
         self.nets = self.method.networks()
+        known = set(self.nets) | {self.method.network_group(name) for name in self.nets} - {None}
+        unknown = sorted(set(self.cfg.train.optim_per_network) - known)
+        if unknown:
+            raise UsageError(f"train.optim_per_network names {', '.join(map(repr, unknown))}, which this method does "
+                             f"not train; its networks: {', '.join(sorted(known))}")
         self.params: dict[str, list[tuple[str, nn.Parameter]]] = {}
         self.opts: dict[str, torch.optim.Optimizer] = {}
         self.scheds: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
@@ -117,11 +132,16 @@ class Trainer:
         self.method = self.method_cls(self.cfg, self.ctx)
         self._setup_networks()
         self._setup_ema()
+        if self.acc.is_main_process and self.run_dir is not None:
+            self._remove_staging()
         if self.resume:
             self._load_latest()
         if self.acc.is_main_process and self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+            with self._writing(self.run_dir / "config.yaml"):
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                tmp = self.run_dir / "config.yaml.tmp"
+                tmp.write_text(dump_config(self.cfg))
+                os.replace(tmp, self.run_dir / "config.yaml")
         if self.acc.log_with:
             self.acc.init_trackers("tensorboard")
         total = self.cfg.train.steps
@@ -131,41 +151,58 @@ class Trainer:
 
         bar = tqdm(total=stop, initial=self.step, desc=f"{self.method.name}", dynamic_ncols=True,
                    disable=not (self.show_progress and self.acc.is_main_process))
-        window: dict[str, list[float]] = {}
         t0, s0 = time.time(), self.step
         self._clock = (t0, time.process_time())
-        while self.step < stop:
-            weights = self.method.loss_weights(self.step)
-            for phase in phases:
-                if not phase.runs_at(self.step):
-                    continue
-                for _ in range(phase.repeats):
-                    logs = self._run_phase(phase, weights)
-                    for k, v in logs.items():
-                        window.setdefault(k, []).append(v)
-                self.method.after_phase(phase, self.step)
-                for name in phase.networks:
-                    if name in self.emas:
-                        self.emas[name].step([p for _, p in self.params[name]])
-            for name in self.method.after_step(self.step):
-                self._restart_ema(name)
-            self.step += 1
-            bar.update(1)
-            if self.step % self.cfg.train.log_every == 0 or self.step == stop:
-                rate = (self.step - s0) / max(time.time() - t0, 1e-9)
-                row = {k: sum(v) / len(v) for k, v in window.items()}
-                bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in row.items() if "/log/" not in k},
-                                refresh=False)
-                self._log({"step": self.step, **row, "lr": self._lr(), "it_per_s": rate, **self.elapsed()})
-                window = {}
-            if self.step % self.cfg.train.checkpoint_every == 0 or self.step == stop:
-                self.save_checkpoint()
-        bar.close()
-        out = None
-        if self.step >= total or self.max_steps:
-            out = self._export()
+        with signals.deferred(), bar:  # SIGINT / SIGTERM: finish the step, checkpoint, raise Interrupted
+            while self.step < stop:
+                self._train_step(phases)
+                bar.update(1)
+                if self.step % self.cfg.train.log_every == 0 or self.step == stop:
+                    rate = (self.step - s0) / max(time.time() - t0, 1e-9)
+                    row = {k: sum(v) / len(v) for k, v in self.window.items()}
+                    bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in row.items() if "/log/" not in k},
+                                    refresh=False)
+                    self._log({"step": self.step, **row, "lr": self._lr(), "it_per_s": rate, **self.elapsed()})
+                    self.window = {}
+                saved = self.step % self.cfg.train.checkpoint_every == 0 or self.step == stop
+                if saved:
+                    self.save_checkpoint()
+                signum = self._stop_signal()
+                if signum is not None:
+                    if not saved:
+                        self.save_checkpoint()
+                    raise signals.Interrupted(signum)
+            out = None
+            if self.step >= total or self.max_steps:
+                out = self._export()
         self.acc.end_training()
         return out
+
+    def _train_step(self, phases: list[Phase]) -> None:
+        """One optimisation step: every phase that runs at this step (its repeats), EMA, the method's hooks."""
+        weights = self.method.loss_weights(self.step)
+        for phase in phases:
+            if not phase.runs_at(self.step):
+                continue
+            for _ in range(phase.repeats):
+                logs = self._run_phase(phase, weights)
+                for k, v in logs.items():
+                    self.window.setdefault(k, []).append(v)
+            self.method.after_phase(phase, self.step)
+            for name in phase.networks:
+                if name in self.emas:
+                    self.emas[name].step([p for _, p in self.params[name]])
+        for name in self.method.after_step(self.step):
+            self._restart_ema(name)
+        self.step += 1
+
+    def _stop_signal(self) -> int | None:
+        """The stop signal this process (or, with many processes, any of them) received; None: go on."""
+        signum = signals.requested()
+        if self.acc.num_processes > 1:  # every process stops after the same step
+            flag = torch.tensor([signum or 0], device=self.acc.device)
+            signum = int(self.acc.gather(flag).max()) or None
+        return signum
 
     def _restart_ema(self, name: str) -> None:
         """The method re-set network ``name``'s weights: its EMA starts over from them."""
@@ -187,9 +224,8 @@ class Trainer:
             for key, value in losses.items():
                 v = value.float().mean()
                 if not torch.isfinite(v):
-                    last = self.latest_checkpoint()
-                    keep = f"; last good checkpoint: {last}" if last else "; no checkpoint was written yet"
-                    raise TrainingFault(f"non-finite loss '{key}' at step {self.step} (phase {phase.name}){keep}")
+                    raise TrainingFault(f"non-finite loss '{key}' at step {self.step} (phase {phase.name}); "
+                                        f"{self._last_good()}")
                 logs[f"{phase.name}/{key}"] = logs.get(f"{phase.name}/{key}", 0.0) + v.item() / accum
                 if key.startswith("log/"):
                     continue
@@ -229,7 +265,7 @@ class Trainer:
         if self.acc.log_with:
             self.acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         if self.acc.is_main_process and self.run_dir is not None:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
+            with self._writing(self.run_dir / "metrics.jsonl"), open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
 
     def _export(self) -> Path | None:
@@ -246,9 +282,10 @@ class Trainer:
             if self.acc.is_main_process:
                 tmp = out.with_name(out.name + ".tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
-                self.method.export(tmp)
-                shutil.rmtree(out, ignore_errors=True)
-                os.replace(tmp, out)
+                with self._writing(out, staging=tmp):
+                    self.method.export(tmp)
+                    shutil.rmtree(out, ignore_errors=True)
+                    os.replace(tmp, out)
         finally:
             for name, params in stored.items():
                 self.emas[name].restore(params)
@@ -270,39 +307,104 @@ class Trainer:
     def latest_checkpoint(self) -> Path | None:
         return latest_checkpoint(self.run_dir) if self.run_dir else None
 
+    def last_good_checkpoint(self) -> Path | None:
+        """The newest checkpoint that verifies (files intact; every checkpoint is finite when written)."""
+        for ckpt in reversed(complete_checkpoints(self.ckpt_root) if self.run_dir else []):
+            try:
+                verify(ckpt)
+                return ckpt
+            except CorruptCheckpoint:
+                continue
+        return None
+
+    def _last_good(self) -> str:
+        last = self.last_good_checkpoint()
+        return f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
+
+    @contextmanager
+    def _writing(self, target: Path, staging: Path | None = None):
+        """A full disk or another write failure: one TrainingFault line naming ``target`` and the free space;
+        the ``staging`` folder is removed, the last good checkpoint stays."""
+        try:
+            yield
+        except (OSError, SafetensorError) as e:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            raise TrainingFault(f"cannot write {target} ({reason}; {_free_space(target)} free there); "
+                                f"{self._last_good()}") from None
+
+    def _remove_staging(self) -> None:
+        """Staging folders of a write that crashed or failed in an earlier session."""
+        for tmp in staging_dirs(self.ckpt_root) + [self.run_dir / "student.tmp", self.run_dir / "export.tmp"]:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _nonfinite_state(self, extra: dict[str, torch.Tensor]) -> dict[str, int]:
+        """What a checkpoint would hold that is NaN / inf: parameters, optimiser states, EMA shadows, extra."""
+        tensors = [(f"{net}/{n}", p) for net, named in self.params.items() for n, p in named]
+        tensors += [(f"optimizer/{net}/{i}/{k}", v) for net, opt in self.opts.items()
+                    for i, state in enumerate(opt.state.values()) for k, v in state.items()]
+        tensors += [(f"ema/{net}/{i}", p) for net, ema in self.emas.items() for i, p in enumerate(ema.shadow_params)]
+        tensors += [(f"extra/{k}", v) for k, v in extra.items()]
+        return nonfinite(tensors)
+
     def save_checkpoint(self) -> Path | None:
-        """Model / optimiser / EMA / RNG / step state (see :mod:`.checkpoint`), written atomically."""
+        """Model / optimiser / EMA / RNG / step state (see :mod:`.checkpoint`), written atomically; a state that
+        is not finite is never written (TrainingFault naming the last good checkpoint)."""
         if self.run_dir is None:
             return None
+        extra_t, extra_j = self.method.extra_state()
+        bad = self._nonfinite_state(extra_t)
+        if bad:
+            raise TrainingFault(f"non-finite weights at step {self.step} ({describe_nonfinite(bad)}), not "
+                                f"checkpointed; {self._last_good()}")
         final = checkpoint_dir(self.ckpt_root, self.step)
         tmp = checkpoint_dir(self.ckpt_root, self.step, staging=True)
         if self.acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            with self._writing(final, staging=tmp):
+                tmp.mkdir(parents=True)
         self.acc.wait_for_everyone()
-        write_rng(tmp, self.acc.process_index, self.ctx.generator)
+        with self._writing(final, staging=tmp):
+            write_rng(tmp, self.acc.process_index, self.ctx.generator)
         # replicas must hold identical weights (gradients are averaged); record each process's checksum
         checksum = torch.stack([sum(p.detach().double().sum() for _, p in named) for named in self.params.values()])
         checksums = self.acc.gather(checksum.to(self.acc.device)[None]).cpu()  # (num_processes, num_networks)
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            extra_t, extra_j = self.method.extra_state()
-            write_weights(tmp, self.params, extra_t)
-            opt_j = write_optimizers(tmp, self.opts, self.scheds)
-            ema_j = write_ema(tmp, self.emas)
-            write_state(tmp, {
-                "step": self.step, "elapsed": self.elapsed(), "method": self.method.name, "optimizers": opt_j,
-                "ema": ema_j, "extra": extra_j, "num_processes": self.acc.num_processes,
-                "replica_checksums": checksums.tolist()})
-            publish(tmp, final, self.cfg.train.keep_checkpoints)
+            with self._writing(final, staging=tmp):
+                write_weights(tmp, self.params, extra_t)
+                opt_j = write_optimizers(tmp, self.opts, self.scheds)
+                ema_j = write_ema(tmp, self.emas)
+                write_state(tmp, {
+                    "step": self.step, "elapsed": self.elapsed(), "method": self.method.name, "optimizers": opt_j,
+                    "ema": ema_j, "extra": extra_j, "num_processes": self.acc.num_processes,
+                    "replica_checksums": checksums.tolist(), "log_window": self.window})
+                publish(tmp, final, self.cfg.train.keep_checkpoints)
         self.acc.wait_for_everyone()
         return final
 
     def _load_latest(self) -> None:
-        ckpt = self.latest_checkpoint()
-        if ckpt is None:
-            return  # nothing to resume: start fresh
-        state = read_state(ckpt)
+        """Resume from the newest checkpoint that verifies; each newer one that does not is set aside with a
+        one-line warning. None: start fresh."""
+        skipped = []
+        for ckpt in reversed(complete_checkpoints(self.ckpt_root) if self.run_dir else []):
+            try:
+                state = verify(ckpt)
+            except CorruptCheckpoint as e:
+                skipped.append(ckpt)
+                if self.acc.is_main_process:
+                    print(f"stepdistill: warning: skipping checkpoint {ckpt}: {e}", file=sys.stderr)
+                continue
+            self._load_checkpoint(ckpt, state)
+            break
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            for ckpt in skipped:
+                set_aside(ckpt)
+        self._drop_metrics_after(self.step)
+
+    def _load_checkpoint(self, ckpt: Path, state: dict) -> None:
         if state.get("method") != self.method.name:
             raise UsageError(f"{ckpt} was written by method {state.get('method')!r}, not {self.method.name!r}")
         self._load_weights(ckpt, state)
@@ -310,20 +412,22 @@ class Trainer:
         self._load_ema(ckpt, state)
         self._load_rng(ckpt)
         self.step = int(state["step"])
+        self.window = {k: list(v) for k, v in state.get("log_window", {}).items()}
         self._spent = {k: float(state.get("elapsed", {}).get(k, 0.0)) for k in self._spent}
-        self._drop_metrics_after(self.step)
 
     def _drop_metrics_after(self, step: int) -> None:
-        """On resume, forget the metrics.jsonl rows logged after the checkpoint: those steps run again."""
+        """On resume, forget the metrics.jsonl rows logged after the checkpoint (all of them without one): those
+        steps run again. A row torn by a crash while it was written is dropped too."""
         path = self.run_dir / "metrics.jsonl" if self.run_dir is not None else None
         if not self.acc.is_main_process or path is None or not path.exists():
             return
-        lines = path.read_text().splitlines(keepends=True)
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        if len(kept) != len(lines):
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        kept = [line.strip() + "\n" for line in text.splitlines() if (_row_step(line) or step + 1) <= step]
+        if "".join(kept) != text:
             tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, path)
+            with self._writing(path):
+                tmp.write_text("".join(kept))
+                os.replace(tmp, path)
 
     def _load_weights(self, ckpt: Path, state: dict) -> None:
         extra = read_weights(ckpt, self.params)
@@ -337,3 +441,25 @@ class Trainer:
 
     def _load_rng(self, ckpt: Path) -> None:
         read_rng(ckpt, self.acc.process_index, self.ctx.generator)
+
+
+def _row_step(line: str) -> int | None:
+    """The step (>= 1) of a metrics.jsonl row; None for a blank or torn line."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row.get("step") if isinstance(row, dict) and isinstance(row.get("step"), int) else None
+
+
+def _free_space(path: Path) -> str:
+    for folder in (path, *path.parents):
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            continue
+        for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+            if free >= size:
+                return f"{free / size:.1f} {unit}"
+        return f"{free} bytes"
+    return "unknown space"
