@@ -79,6 +79,11 @@ class PromptSource(DataSource):
     def sample(self, n, generator):
         return self.conditions(n, generator)
 
+    def condition_set(self):
+        prompts = list(dict.fromkeys(self.prompts))
+        return Sample(None, torch.tensor([d if (d := prompt_to_digit(p)) is not None else -1 for p in prompts]),
+                      prompts)
+
     def conditions(self, n, generator):
         idx = torch.randint(0, len(self.prompts), (n,), generator=generator).tolist()
         prompts = [self.prompts[i] for i in idx]

@@ -137,8 +137,11 @@ def run(args) -> int:
 
         bench, entries = _entries(args, device, progress)
         x0 = args.x0_grids if args.x0_grids is not None else (10 if args.hybrid_base_steps else 0)
-        rows = [evaluate_entry(bench, e, out, args.num_samples, args.seed, args.batch_size, device, progress,
-                               speed=not args.no_speed, x0_samples=x0) for e in entries]
+        rows = []
+        for e in entries:  # a routed student's row is followed by one row per part (student)
+            row = evaluate_entry(bench, e, out, args.num_samples, args.seed, args.batch_size, device, progress,
+                                 speed=not args.no_speed, x0_samples=x0)
+            rows += [row, *row.pop("part_rows", [])]
     settings = {**bench.settings(), "num_samples": args.num_samples, "seed": args.seed, "batch_size": args.batch_size,
                 "device": str(device), "mem_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss",
                 "torch_threads": torch.get_num_threads()}

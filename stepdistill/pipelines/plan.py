@@ -66,7 +66,14 @@ class Route(BaseModel):
     labels: list[int] | None = Field(None, description="class / digit ids of this route (router.by = label)")
     centre: list[float] | None = Field(None, description="pooled prompt embedding centre (router.by = "
                                                          "prompt_embedding; nearest centre wins)")
+    anchors: list[list[float]] | None = Field(None, description="several pooled prompt embeddings standing for "
+                                                                "this route (instead of one centre): the route "
+                                                                "of the nearest anchor wins")
     segments: list[Segment] = Field(..., min_length=1)
+
+    def points(self) -> list[list[float]]:
+        """The embeddings this route is nearest to: its anchors, or its centre."""
+        return list(self.anchors) if self.anchors else [self.centre]
 
 
 class Router(BaseModel):
@@ -81,8 +88,10 @@ class Router(BaseModel):
             owned = [l for r in self.routes for l in (r.labels or [])]
             if any(r.labels is None for r in self.routes) or len(owned) != len(set(owned)):
                 raise ValueError("router.by=label: every route needs labels, and no label may be in two routes")
-        elif any(r.centre is None for r in self.routes) or len({len(r.centre) for r in self.routes}) != 1:
-            raise ValueError("router.by=prompt_embedding: every route needs a centre of one common length")
+        elif any(r.centre is None and not r.anchors for r in self.routes) or \
+                len({len(p) for r in self.routes if r.centre or r.anchors for p in r.points()}) != 1:
+            raise ValueError("router.by=prompt_embedding: every route needs a centre (or anchors) of one common "
+                             "length")
         return self
 
     def route(self, labels=None, embeddings=None):
@@ -99,8 +108,10 @@ class Router(BaseModel):
             return torch.tensor([table[int(l)] for l in labels.tolist()], dtype=torch.long)
         if embeddings is None:
             raise UsageError("this student routes by prompt; give prompts")
-        centres = torch.tensor([r.centre for r in self.routes], dtype=torch.float64)
-        return torch.cdist(embeddings.double().cpu(), centres).argmin(dim=1)
+        points = [(i, p) for i, r in enumerate(self.routes) for p in r.points()]
+        owner = torch.tensor([i for i, _ in points], dtype=torch.long)
+        centres = torch.tensor([p for _, p in points], dtype=torch.float64)
+        return owner[torch.cdist(embeddings.double().cpu(), centres).argmin(dim=1)]
 
 
 class NetworkEntry(BaseModel):
@@ -225,10 +236,12 @@ class SamplingRecipe(BaseModel):
         return [int(t) for t in sched.timesteps]
 
     def pipeline_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for a stock pipeline call of a one-segment recipe."""
+        """Keyword arguments for a stock pipeline call of a one-segment recipe, or of an unrouted segment plan on one
+        scheduler (its chained timesteps; the caller's ``callback_on_step_end`` switches networks)."""
         kw: dict[str, Any] = {"guidance_scale": 1.0 if self.guidance_scale is None else self.guidance_scale}
-        if self.timesteps:
-            kw["timesteps"] = list(self.timesteps)
+        chained = [t for seg in self.segments or [] for t in (seg.timesteps or [])]
+        if self.timesteps or chained:
+            kw["timesteps"] = list(self.timesteps or chained)
         else:
             kw["num_inference_steps"] = self.num_inference_steps
         if self.eta is not None:

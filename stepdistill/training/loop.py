@@ -192,6 +192,9 @@ class Trainer:
             for name in phase.networks:
                 if name in self.emas:
                     self.emas[name].step([p for _, p in self.params[name]])
+        for name in self.method.finished_networks(self.step):
+            if name in self.emas:  # its training is over: from now on it is its EMA average, as it will be exported
+                self.emas[name].copy_to([p for _, p in self.params[name]])
         for name in self.method.after_step(self.step):
             self._restart_ema(name)
         self.step += 1
