@@ -205,11 +205,15 @@ class DMDMethod(Method):
             out["reg"] = L.mse(self.generator.denoise(zr, mc.timesteps[0], cond_r).float(), yr.float())
         return out
 
+    @torch.no_grad()
+    def fake_samples(self, batch) -> torch.Tensor:
+        """The generator samples the fake score learns from (no gradient)."""
+        x, _ = self.generator(batch["z"], batch["cond"], batch["k"], self.ctx.randn_like)
+        return x
+
     def fake_losses(self, batch) -> dict[str, torch.Tensor]:
         cond = batch["cond"]
-        with torch.no_grad():
-            x, _ = self.generator(batch["z"], cond, batch["k"], self.ctx.randn_like)
-        x = x.detach()
+        x = self.fake_samples(batch).detach()
         if self.head is None:
             return {"fake": fake_score_loss(self.fake.denoiser, x, cond, self.ctx)}
         fake, features = fake_score_loss(self.fake.denoiser, x, cond, self.ctx, features=True)

@@ -37,7 +37,7 @@ from ..pipelines.plan import Route, Router, SamplingRecipe, Segment
 from ..training import Method, Phase, StageLog
 from .common import TrainableNet, make_trainable
 from .dmd import DMDMethod, DMDTermsConfig
-from .dmd_terms import distribution_matching_loss, fake_score_loss, gan_discriminator_loss, gan_generator_loss, noised
+from .dmd_terms import distribution_matching_loss, gan_generator_loss, noised
 
 STAGES_FILE = "stages.json"  # RUN/stages.json: steps and wall-clock seconds of the TSM and DMD stages
 PARTITION_FILE = "partition.json"  # RUN/partition.json: what each student owns and the part sizes
@@ -297,24 +297,16 @@ class MSDMethod(DMDMethod):
         return out
 
     @torch.no_grad()
-    def routed_sample(self, z: torch.Tensor, cond, parts: torch.Tensor, k: int) -> torch.Tensor:
-        """Step k's output of the routed generator: each sample from the student owning its condition."""
+    def fake_samples(self, batch) -> torch.Tensor:
+        """The routed generator's samples: each from the student owning its condition."""
+        z, cond, parts = batch["z"], batch["cond"], batch["parts"]
         x = torch.empty_like(z)
         for j in parts.unique().tolist():
             idx = (parts == j).nonzero().squeeze(1).to(z.device)
-            xj, _ = self.generators[j](z[idx], None if cond is None else cond.index(idx), k, self.ctx.randn_like)
+            xj, _ = self.generators[j](z[idx], None if cond is None else cond.index(idx), batch["k"],
+                                       self.ctx.randn_like)
             x[idx] = xj.to(x.dtype)
         return x
-
-    def fake_losses(self, batch):
-        cond = batch["cond"]
-        x = self.routed_sample(batch["z"], cond, batch["parts"], batch["k"])
-        if self.head is None:
-            return {"fake": fake_score_loss(self.fake.denoiser, x, cond, self.ctx)}
-        fake, features = fake_score_loss(self.fake.denoiser, x, cond, self.ctx, features=True)
-        real, real_cond = batch["real"]
-        return {"fake": fake,
-                "gan_d": gan_discriminator_loss(self.fake.denoiser, self.head, features, real, real_cond, self.ctx)}
 
     # -- artifacts ----------------------------------------------------------------------------------
     def student_networks(self):
