@@ -65,11 +65,9 @@ def memory_child(config: str, overrides: list[str], out: str) -> None:
     from stepdistill.registry import method_class
     from stepdistill.training import Trainer
 
-    cfg = load_config(ROOT / config, [*overrides, "train.steps=4", "method.regression=null", "method.student_every=1",
-                                      "train.log_with=none", "train.num_threads=1", "method.phase_steps=null"]
-                      if "phased" in config else [*overrides, "train.steps=4", "method.regression=null",
-                                                  "method.student_every=1", "train.log_with=none",
-                                                  "train.num_threads=1"])
+    extra = ["train.steps=4", "method.regression=null", "method.student_every=1", "train.log_with=none",
+             "train.num_threads=1"] + (["method.phase_steps=null"] if "phased" in config else [])
+    cfg = load_config(ROOT / config, [*overrides, *extra])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with tempfile.TemporaryDirectory() as tmp:
         Trainer(cfg, method_class(cfg.method.name), Path(tmp) / "run", show_progress=False).fit()

@@ -63,7 +63,8 @@ def test_prompt_partition_is_balanced_deterministic_and_routes_training_prompts_
     assert (routed - len(x) / k).abs().max() <= 0.1 * len(x) / k
     unseen = torch.randn(50, 16, generator=g) * 5
     assert set(route_by_anchors(unseen, anchors).tolist()) <= set(range(k))
-    assert sorted(torch.bincount(balanced_split(x, k), minlength=k).tolist()) == sorted(sizes.tolist())
+    split = torch.bincount(balanced_split(x, k), minlength=k)
+    assert int(split.max() - split.min()) <= 1  # equal parts up to rounding
 
 
 def test_partition_is_stored_in_the_run_and_the_router_round_trips(tmp_path):
@@ -112,7 +113,6 @@ def test_tsm_stage_teaches_a_smaller_student_the_teacher(tmp_path):
     assert [r["name"] for r in json.loads((tmp_path / "run" / "stages.json").read_text())] == ["tsm", "dmd"]
     assert sum(p.numel() for p in m.students[0].module.parameters()) < \
         sum(p.numel() for p in m.bundle.init_net.parameters())
-    torch.manual_seed(0)
 
     def tsm_loss(k):
         m.ctx.generator.manual_seed(123)
