@@ -4,6 +4,7 @@ naming the file. Also: :func:`inside`, a relative name that must stay inside its
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from .errors import UsageError
@@ -74,3 +75,12 @@ def inside(folder: str | Path, name: str, what: str = "file") -> Path:
     if Path(name).is_absolute() or not target.resolve().is_relative_to(folder.resolve()):
         raise UsageError(f"{what} {name!r} lies outside {folder}; give a name inside that folder")
     return target
+
+
+def sha256(file: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (asset manifests, checkpoint state)."""
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -9,11 +9,11 @@ build which asset: ``registry.py``; the build itself: ``build.py`` (``stepdistil
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from ..errors import UsageError
+from ..userfiles import sha256
 
 ROOT = Path(__file__).resolve().parent  # shipped assets live next to this file
 MANIFEST = "asset.json"
@@ -75,14 +75,6 @@ def check(folder: Path) -> str | None:
 
 def read_manifest(folder: Path) -> dict:
     return json.loads((Path(folder) / MANIFEST).read_text())
-
-
-def sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def file_table(folder: Path) -> dict[str, dict]:

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import UsageError
+from ..userfiles import sha256
 
 CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "state.json"
@@ -77,14 +78,6 @@ def write_state(folder: Path, state: dict[str, Any]) -> None:
 
 def read_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / STATE_FILE).read_text())
-
-
-def sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _digest(body: dict) -> str:
