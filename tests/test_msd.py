@@ -176,3 +176,29 @@ def test_prompt_routed_lora_students_in_stock_pipeline_equal_stepdistill_sample(
                           output_type="pt", **recipe.pipeline_kwargs()).images
     ours = load_run(tmp_path / "run").sampler(recipe, Conditions(prompts=prompts), seeds)  # `stepdistill sample`
     assert (stock - ours).abs().max() <= 1e-4
+
+
+# ---- the real-scale recipe ---------------------------------------------------------------------------------------
+def test_sd15_recipe_runs_on_tiny_pipeline(tmp_path):
+    """configs/sd15/msd_lora.yaml on a tiny SD1.5-shaped pipeline (bf16, gradient checkpointing): finite losses for
+    every student, a balanced prompt partition of the prompt file, and an exported router with one LoRA per
+    student."""
+    from stepdistill.config import load_config
+    from stepdistill.pipelines.plan import SamplingRecipe
+    from stepdistill.testing import tiny_sd_pipeline
+
+    base = tiny_sd_pipeline(tmp_path / "base")
+    cfg = load_config(ROOT / "configs/sd15/msd_lora.yaml",
+                      [f"model.pretrained={base}", "train.steps=2", "train.batch_size=2", "train.precision=bf16",
+                       "train.log_every=1", "train.log_with=none", "method.student.lora.rank=4",
+                       "method.fake_score.lora.rank=4", "method.student_every=1",
+                       f"data.file={ROOT / 'configs/prompts/coco_style.txt'}"])
+    fit(cfg, tmp_path / "run")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(v == v and abs(v) != float("inf") for r in rows for v in r.values())
+    assert {f"student_{k}/dm" for k in range(4)} <= set(rows[-1])
+    assert json.loads((tmp_path / "run" / "partition.json").read_text())["sizes"] == [5, 5, 5, 5]  # 20 prompts
+    recipe = SamplingRecipe.load(tmp_path / "run" / "student")
+    assert recipe.router.by == "prompt_embedding" and len(recipe.router.routes) == 4
+    assert sorted(recipe.networks) == [f"student_{k}" for k in range(4)] and recipe.timesteps == [999]
+    assert all((tmp_path / "run" / "student" / n.path).is_dir() for n in recipe.networks.values())
