@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     import torch
 
     from stepdistill.eval.benchmark import digits_benchmark
-    from stepdistill.eval.evaluate import Entry, evaluate_entry
+    from stepdistill.eval.evaluate import Entry, evaluate_entry, interleaved_speed
     from stepdistill.eval.report import write_report
     from stepdistill.pipelines.loading import hybrid_recipe, load_run, load_teacher
     from stepdistill.pipelines.plan import SamplingRecipe as SamplerSpec
@@ -91,6 +91,9 @@ def main(argv=None) -> int:
         entries.append(Entry(spec.label(), "hybrid", student.sampler, spec, student.source))
     rows = [evaluate_entry(bench, e, args.out, args.num_samples, args.seed, args.batch_size, progress=progress,
                            x0_samples=args.x0_samples) for e in entries]
+    for row, sp in zip(rows, interleaved_speed(bench, entries, args.batch_size, 5, args.seed + args.num_samples,
+                                               progress=progress)):
+        row.update(sp)
     info = {**bench.settings(), "num_samples": args.num_samples, "seed": args.seed, "batch_size": args.batch_size,
                 "torch_threads": torch.get_num_threads(), "run": str(args.run), "control": str(args.control)}
     write_report(rows, args.out, info)

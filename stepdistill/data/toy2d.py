@@ -51,6 +51,13 @@ class MixtureSpec:
         return x.float(), modes
 
 
+def same_mixture(a, b) -> bool:
+    """Whether two toy2d data configs describe the same mixture (means, stds, weights and conditioning)."""
+    x, y = MixtureSpec.from_config(a), MixtureSpec.from_config(b)
+    return (a.conditional == b.conditional and x.means.shape == y.means.shape and torch.allclose(x.means, y.means)
+            and torch.allclose(x.stds, y.stds) and torch.allclose(x.weights, y.weights))
+
+
 class GaussianMixtureX0(nn.Module):
     """Exact E[x0 | x_t] of a Gaussian mixture under a VP schedule: ``net(x_t, t, class_labels=None) -> x0``.
 

@@ -55,6 +55,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     smp.add_argument("--hybrid-base-scheduler", default="ode", metavar="NAME",
                      help="base steps' scheduler: ode (default: deterministic DDIM / Euler steps on the student's "
                           "timesteps), recipe (the student's own, e.g. LCM, as in the paper) or NAME[:key=value,...]")
+    smp.add_argument("--data", nargs="+", metavar="KEY=VALUE",
+                     help="--model toy2d: the mixture, as data keys of a toy2d run config (e.g. num_modes=16 "
+                          "std=0.05, or means='[[0,0],[2,2]]' weights='[1,20]'); default: the runs' mixture, else "
+                          "the 8-mode ring")
     smp.add_argument("--num-samples", type=int, default=1000, help="samples per row (default 1000)")
     smp.add_argument("--batch-size", type=int, default=100, help="generation batch size; speed is measured at "
                                                                 "it (default 100)")
@@ -68,7 +72,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                      help="digit classifier folder (default: the shipped digits-classifier asset)")
     met.add_argument("--clip-model", help="open_clip model name (default digits-clip on the digits benchmarks)")
     met.add_argument("--clip-pretrained", help="open_clip pretrained tag or weights file / folder")
-    met.add_argument("--no-speed", action="store_true", help="skip the extra timing batch for small runs")
+    met.add_argument("--no-speed", action="store_true", help="skip the timing rounds (no ms/image column)")
+    met.add_argument("--speed-repeats", type=int, default=5, metavar="N",
+                     help="timing rounds after generation: each round times one batch of every row in turn, so "
+                          "background load hits all rows alike; ms/image is the median over rounds (default 5)")
     met.add_argument("--x0-grids", type=int, metavar="N",
                      help="trace N samples per row: x0 at every step (grid in the report) and the step at which "
                           "the layout settles (default 10 with --hybrid-base-steps, else 0)")
@@ -109,6 +116,10 @@ def _check_args(args) -> None:
         raise UsageError("--num-samples must be >= 2 and --batch-size >= 1")
     if args.steps is not None:
         parse_steps(args.steps)
+    if args.speed_repeats < 1:
+        raise UsageError("--speed-repeats must be >= 1 (or pass --no-speed)")
+    if args.data and args.model != "toy2d":
+        raise UsageError("--data describes a toy2d mixture: use it with --model toy2d")
     if args.hybrid_base_steps is not None and (not args.run or args.hybrid_base_steps < 1):
         raise UsageError("--hybrid-base-steps N needs --run RUN_DIR (the student) and N >= 1")
     if Path(args.recipe).name != args.recipe or args.recipe in (".", ".."):
@@ -121,6 +132,7 @@ def run(args) -> int:
     from .report import markdown, write_report
 
     _check_args(args)
+    load_average = _load_average()
     device = _device(args.device)
     progress = not args.quiet
     out = args.out
@@ -136,19 +148,37 @@ def run(args) -> int:
         from .evaluate import evaluate_entry
 
         bench, entries = _entries(args, device, progress)
+        from .evaluate import interleaved_speed
+
         x0 = args.x0_grids if args.x0_grids is not None else (10 if args.hybrid_base_steps else 0)
         rows = []
-        for e in entries:  # a routed student's row is followed by one row per part (student)
-            row = evaluate_entry(bench, e, out, args.num_samples, args.seed, args.batch_size, device, progress,
-                                 speed=not args.no_speed, x0_samples=x0)
-            rows += [row, *row.pop("part_rows", [])]
+        for e in entries:
+            rows.append(evaluate_entry(bench, e, out, args.num_samples, args.seed, args.batch_size, device, progress,
+                                       x0_samples=x0))
+        if not args.no_speed:
+            for row, sp in zip(rows, interleaved_speed(bench, entries, args.batch_size, args.speed_repeats,
+                                                       args.seed + args.num_samples, device, progress)):
+                row.update(sp)
+        rows = [r for row in rows for r in (row, *row.pop("part_rows", []))]  # a routed row, then its parts
     settings = {**bench.settings(), "num_samples": args.num_samples, "seed": args.seed, "batch_size": args.batch_size,
                 "device": str(device), "mem_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss",
-                "torch_threads": torch.get_num_threads()}
+                "torch_threads": torch.get_num_threads(), "load_average_at_start": load_average,
+                "speed": None if args.images is not None or args.no_speed else
+                f"median of {args.speed_repeats} interleaved rounds of one batch per row"}
     report = write_report(rows, out, settings)
     sys.stdout.write(markdown(report))
     print(f"stepdistill: wrote {out / 'report.json'}, report.md, report.html")
     return 0
+
+
+def _load_average() -> list[float] | None:
+    """The machine's 1/5/15-minute load averages (None where the OS has none)."""
+    import os
+
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def _images_benchmark(args, device, progress):
@@ -187,10 +217,12 @@ def _entries(args, device, progress):
     from ..pipelines.plan import SamplingRecipe
     from .evaluate import Entry
 
+    students = [load_run(r, device, recipe=args.recipe) for r in args.run or []]
     loaded = []
     if args.model is not None:
-        loaded.append(load_teacher(args.model, device, benchmark=None if args.benchmark == "auto" else args.benchmark))
-    students = [load_run(r, device, recipe=args.recipe) for r in args.run or []]
+        data_cfg = _toy_mixture(args, students) if args.model == "toy2d" else None
+        loaded.append(load_teacher(args.model, device, data_cfg=data_cfg,
+                                   benchmark=None if args.benchmark == "auto" else args.benchmark))
     loaded += students
     names = {x.benchmark for x in loaded}
     if args.benchmark != "auto":
@@ -220,6 +252,30 @@ def _entries(args, device, progress):
     return bench, entries
 
 
+def _toy_mixture(args, students):
+    """The toy2d teacher's mixture: ``--data``, else the runs' (which must agree), else the default ring. A run
+    trained on another mixture than ``--data`` is refused: its rows would be judged against the wrong data."""
+    from ..config import Toy2DData, apply_override, validate
+    from ..data.toy2d import same_mixture
+
+    runs = [(r, s.data_cfg) for r, s in zip(args.run or [], students) if getattr(s.data_cfg, "name", None) == "toy2d"]
+    if args.data:
+        raw: dict = {"name": "toy2d"}
+        for item in args.data:
+            apply_override(raw, item)
+        cfg = validate(raw, Toy2DData, source="--data")
+        for r, c in runs:
+            if not same_mixture(cfg, c):
+                raise UsageError(f"run {r} was trained on another toy2d mixture than --data; drop --data to judge "
+                                 f"it against its own mixture, or evaluate it in a separate report")
+        return cfg
+    for r, c in runs[1:]:
+        if not same_mixture(runs[0][1], c):
+            raise UsageError(f"runs {runs[0][0]} and {r} were trained on different toy2d mixtures; evaluate them in "
+                             f"separate reports")
+    return runs[0][1] if runs else Toy2DData()
+
+
 def _default_guidance(loaded) -> float | None:
     info = loaded.info or {}
     for key in ("guidance_scale", "guidance"):
@@ -236,13 +292,22 @@ def _benchmark(name, loaded, args, device, progress):
     if name == "toy2d":
         from ..config import Toy2DData
 
-        data_cfg = next((x.data_cfg for x in loaded if x.data_cfg is not None and x.data_cfg.name == "toy2d"),
-                        Toy2DData())
-        return toy2d_benchmark(data_cfg)
+        from ..data.toy2d import same_mixture
+
+        cfgs = [x.data_cfg for x in loaded if getattr(x.data_cfg, "name", None) == "toy2d"] or [Toy2DData()]
+        if any(not same_mixture(cfgs[0], c) for c in cfgs[1:]):  # --run without --model: runs must agree too
+            raise UsageError("the runs were trained on different toy2d mixtures; evaluate them in separate reports")
+        return toy2d_benchmark(cfgs[0])
     if name in ("digits", "digits-sd"):
-        return digits_benchmark(name == "digits-sd", classifier=_classifier(args, device),
-                                clip=_clip_choice(args, device), device=device, cache_root=args.cache_dir,
-                                progress=progress)
+        bench = digits_benchmark(name == "digits-sd", classifier=_classifier(args, device),
+                                 clip=_clip_choice(args, device), device=device, cache_root=args.cache_dir,
+                                 progress=progress)
+        judged = ("resolution", "split", "dilate", "templates")  # what makes a run's data another reference
+        data = {x.source: {k: v for k, v in x.data_cfg.model_dump().items() if k in judged}
+                for x in loaded if x.data_cfg is not None}
+        if len({repr(sorted(d.items())) for d in data.values()}) > 1:  # one reference, runs trained on other data
+            bench.notes["run_data_differs"] = "; ".join(f"{k}: {v}" for k, v in data.items())
+        return bench
     prompts = read_prompts(args.prompts) if args.prompts else None
     cond = getattr(loaded[0].sampler, "conditioner", None)
     num_classes = getattr(cond, "num_classes", None)

@@ -2,7 +2,8 @@
 
 For each configuration, samples are drawn in batches with per-sample seeds (``seed + i``); every batch
 streams into torchmetrics' FID (its feature module records the features for precision / recall and
-diversity), the classifier and CLIP; the first batch is the warm-up of the speed measurement.
+diversity), the classifier and CLIP. Speed is timed afterwards by :func:`interleaved_speed`: rounds of one batch
+per configuration in turn, so load on a busy machine falls on every row alike, and the median over rounds.
 """
 
 from __future__ import annotations
@@ -49,10 +50,10 @@ def empty_row(name: str, method: str, model: str | None = None) -> dict:
 
 
 def evaluate_entry(bench: Benchmark, entry: Entry, out_dir: Path, num_samples: int = 1000, seed: int = 0,
-                   batch_size: int = 100, device="cpu", progress: bool = True, speed: bool = True,
-                   x0_samples: int = 0) -> dict:
-    """Generate ``num_samples`` samples with ``entry`` and score them; returns the report row. With
-    ``x0_samples``, the first that many are also traced: x0 at every step (grid, distances, settle step)."""
+                   batch_size: int = 100, device="cpu", progress: bool = True, x0_samples: int = 0) -> dict:
+    """Generate ``num_samples`` samples with ``entry`` and score them; returns the report row (NFE and peak
+    memory, no speed: see :func:`interleaved_speed`). With ``x0_samples``, the first that many are also traced: x0
+    at every step (grid, distances, settle step)."""
     from tqdm.auto import tqdm
 
     conds = bench.conditions(num_samples)
@@ -74,16 +75,10 @@ def evaluate_entry(bench: Benchmark, entry: Entry, out_dir: Path, num_samples: i
                 if sum(len(g) for g in grid) < GRID_SAMPLES:
                     grid.append(x[:GRID_SAMPLES - sum(len(g) for g in grid)])
             bar.update(len(seeds))
-        if speed and not meter.has_timing:  # too few batches: time one more full batch after the warm-up
-            extra = conds.slice(0, batch_size) if len(conds) >= batch_size else bench.conditions(batch_size)
-            meter.time(lambda: entry.sampler(entry.spec, extra, seeds_for(seed, num_samples, num_samples + batch_size)),
-                       batch_size)
     row = empty_row(entry.name, entry.method, entry.model)
     row.update(scheduler=entry.spec.scheduler, steps=entry.spec.steps, guidance_scale=entry.spec.guidance_scale,
-               eta=entry.spec.eta, nfe=nfe, num_samples=num_samples, batch_size=batch_size)
-    sp = meter.result() if speed else None
-    if sp is not None:
-        row.update(ms_per_image=sp.ms_per_image, images_per_s=sp.images_per_s, peak_mem_mb=sp.peak_mem_mb)
+               eta=entry.spec.eta, nfe=nfe, num_samples=num_samples, batch_size=batch_size,
+               peak_mem_mb=meter.peak_memory()[0])
     if points:
         row.update(_toy_metrics(bench, torch.cat(points), seed))
         from .images import save_scatter
@@ -99,6 +94,32 @@ def evaluate_entry(bench: Benchmark, entry: Entry, out_dir: Path, num_samples: i
     if x0_samples > 0:
         row.update(_x0_trajectory(bench, entry, out_dir, conds.slice(0, x0_samples), seeds_for(seed, 0, x0_samples)))
     return row
+
+
+def interleaved_speed(bench: Benchmark, entries: list[Entry], batch_size: int = 100, repeats: int = 5,
+                      seed: int = 0, device="cpu", progress: bool = True) -> list[dict]:
+    """Per entry: median ms per image over ``repeats`` rounds, each round timing one batch of every entry in turn
+    (after one warm-up round), with the spread over rounds and images/s from the median. Interleaving makes a
+    burst of background load fall on all rows of a round instead of on one row, and the median drops the round
+    it hit, so speed ratios between rows hold on a busy machine."""
+    from tqdm.auto import tqdm
+
+    conds = bench.conditions(batch_size)
+    seeds = seeds_for(seed, 0, batch_size)
+    meters = [SpeedMeter(device, batch_size) for _ in entries]
+    with tqdm(total=(repeats + 1) * len(entries), desc="speed", unit="batch", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for _ in range(repeats + 1):
+            for e, m in zip(entries, meters):
+                with torch.no_grad():
+                    m.time(lambda: e.sampler(e.spec, conds, seeds), batch_size)
+                bar.update(1)
+    out = []
+    for m in meters:
+        sp = m.result()
+        out.append({"ms_per_image": sp.ms_per_image, "ms_spread": sp.ms_spread, "images_per_s": sp.images_per_s,
+                    "speed_batches": sp.batches})
+    return out
 
 
 def _x0_trajectory(bench, entry, out_dir, conds, seeds) -> dict:

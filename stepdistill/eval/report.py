@@ -38,8 +38,11 @@ class ReportRow(BaseModel):
     clip_score: float | None = Field(None, description="mean 100 * max(cos(image, prompt), 0), open_clip")
     condition_accuracy: float | None = Field(None, description="share classified as the requested digit")
     diversity: float | None = Field(None, description="mean pairwise cosine distance of features within a condition")
-    ms_per_image: float | None = Field(None, description="milliseconds per image after warm-up at batch_size")
-    images_per_s: float | None = None
+    ms_per_image: float | None = Field(None, description="milliseconds per image at batch_size: the median over timing "
+                                                        "rounds interleaved with the report's other rows")
+    ms_spread: float | None = Field(None, description="slowest minus fastest timing round, ms per image")
+    speed_batches: int | None = Field(None, description="timed batches behind ms_per_image")
+    images_per_s: float | None = Field(None, description="1000 / ms_per_image")
     peak_mem_mb: float | None = Field(None, description="peak memory during generation (see settings.mem_kind)")
     batch_size: int | None = None
     sw2: float | None = Field(None, description="toy2d: sliced Wasserstein-2 distance to true samples")
@@ -72,7 +75,7 @@ class Report(BaseModel):
 
 ROW_FIELDS = list(ReportRow.model_fields)
 TABLE = ["name", "method", "steps", "nfe", "fid", "precision", "recall", "clip_score", "condition_accuracy",
-         "diversity", "ms_per_image", "images_per_s", "peak_mem_mb"]
+         "diversity", "ms_per_image", "ms_spread", "images_per_s", "peak_mem_mb"]
 TOY = ["sw2", "modes_covered", "on_mode"]
 
 

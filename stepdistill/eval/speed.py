@@ -1,5 +1,8 @@
 """Speed: milliseconds per image and images per second after warm-up, at a stated batch size, and peak
-memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process's peak resident set size, sampled)."""
+memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process's peak resident set size, sampled).
+
+The figure is the median over timed batches, so a batch slowed by a burst of background load does not move it;
+the spread (slowest minus fastest batch, ms per image) says how noisy the machine was."""
 
 from __future__ import annotations
 
@@ -15,10 +18,12 @@ import torch
 @dataclass
 class Speed:
     batch_size: int
-    ms_per_image: float
-    images_per_s: float
+    ms_per_image: float  # median over the timed batches
+    images_per_s: float  # from the median
     peak_mem_mb: float | None
     mem_kind: str  # "cuda_max_allocated" | "cpu_peak_rss"
+    ms_spread: float = 0.0  # slowest minus fastest timed batch, ms per image
+    batches: int = 1
 
 
 def _rss_mb() -> float | None:
@@ -33,11 +38,11 @@ def _rss_mb() -> float | None:
 
 
 class SpeedMeter:
-    """Times generation batches: the first batch is warm-up; later full batches (``batch_size`` images) are
-    timed. Peak memory covers the whole generation. Use as a context manager around the batches."""
+    """Times generation batches: the first ``warmup`` batches are warm-up; later full batches (``batch_size``
+    images) are timed. Peak memory covers the whole generation. Use as a context manager around the batches."""
 
-    def __init__(self, device, batch_size: int):
-        self.device, self.batch_size = torch.device(device), batch_size
+    def __init__(self, device, batch_size: int, warmup: int = 1):
+        self.device, self.batch_size, self.warmup = torch.device(device), batch_size, warmup
         self.cuda = self.device.type == "cuda"
         self.times: list[tuple[int, float]] = []
         self._peak: float | None = None
@@ -76,20 +81,19 @@ class SpeedMeter:
         self.times.append((n, time.perf_counter() - t0))
         return out
 
-    @property
-    def has_timing(self) -> bool:
-        return any(n == self.batch_size for n, _ in self.times[1:])
+    def peak_memory(self) -> tuple[float | None, str]:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated(self.device) / 2**20, "cuda_max_allocated"
+        return (None if self._peak is None else float(self._peak)), "cpu_peak_rss"
 
     def result(self) -> Speed | None:
-        timed = [(n, t) for n, t in self.times[1:] if n == self.batch_size]
-        if not timed:
+        ms = sorted(1000 * t / n for n, t in self.times[self.warmup:] if n == self.batch_size)
+        if not ms:
             return None
-        n, t = sum(n for n, _ in timed), sum(t for _, t in timed)
-        if self.cuda:
-            peak, kind = torch.cuda.max_memory_allocated(self.device) / 2**20, "cuda_max_allocated"
-        else:
-            peak, kind = self._peak, "cpu_peak_rss"
-        return Speed(self.batch_size, 1000 * t / n, n / t, None if peak is None else float(peak), kind)
+        mid = len(ms) // 2
+        median = ms[mid] if len(ms) % 2 else (ms[mid - 1] + ms[mid]) / 2
+        peak, kind = self.peak_memory()
+        return Speed(self.batch_size, median, 1000 / median, peak, kind, ms[-1] - ms[0], len(ms))
 
 
 @contextlib.contextmanager
