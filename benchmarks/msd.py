@@ -109,8 +109,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2000, help="DMD steps of every digits run (the smaller students' "
                                                            "TSM stage comes on top: 0.75 x as many)")
     p.add_argument("--batch-size", type=int, default=64, help="digits training batch")
-    p.add_argument("--sd-steps", type=int, default=1000, help="DMD steps of every digits-sd run")
-    p.add_argument("--sd-batch-size", type=int, default=32, help="digits-sd training batch")
+    p.add_argument("--sd-steps", type=int, default=500, help="DMD steps of every digits-sd run")
+    p.add_argument("--sd-batch-size", type=int, default=16, help="digits-sd training batch")
     p.add_argument("--seeds", default="0,1", help="seeds of every digits student row")
     p.add_argument("--sd-seeds", default="0", help="seeds of every digits-sd student row")
     p.add_argument("--num-samples", type=int, default=1000)
@@ -135,8 +135,13 @@ def main(argv=None) -> int:
                                         f"train.batch_size={args.sd_batch_size}", f"train.seed={seed}",
                                         "train.num_threads=1"]))
     plans = {k: v for k, v in plans.items() if k not in skip}
+    # training order: the rows the targets compare first (K = 1 and K = 4, then the smaller students, then
+    # digits-sd), K = 2 last, so an interrupted benchmark has the comparisons that matter
+    first = {"K=1 (one-step DMD)": 0, "K=4 same size": 0, "K=4 smaller (TSM + DMD)": 1, "K=2 same size": 3}
+    queue = sorted(((first.get(name, 2), seed, run, config, o) for plan in plans.values()
+                    for name, seed, run, config, o in plan), key=lambda x: (x[0], x[1]))
     t0 = time.time()
-    train_jobs([(run, config, o) for plan in plans.values() for _, _, run, config, o in plan], args.jobs)
+    train_jobs([(run, config, o) for _, _, run, config, o in queue], args.jobs)
     print(f"trained in {(time.time() - t0) / 60:.1f} min", flush=True)
 
     rows, checks, summary = [], [], {}
