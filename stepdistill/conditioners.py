@@ -42,13 +42,16 @@ class ClassConditioner(Conditioner):
 
 
 class TextConditioner(Conditioner):
-    """CLIP text encoder(s) -> ``encoder_hidden_states`` (+ SDXL ``added_cond_kwargs``); the empty prompt is
-    the unconditional branch, as in Stable Diffusion. Embeddings are cached per prompt."""
+    """CLIP text encoder(s) -> ``encoder_hidden_states`` (+ SDXL ``added_cond_kwargs``). The unconditional branch
+    is what the stock pipeline uses for ``negative_prompt=None``: the empty prompt's encoding (Stable Diffusion),
+    or zeros for the hidden states and pooled embedding when ``force_zeros_for_empty_prompt`` (SDXL's pipeline
+    config, true for SDXL base; the added time ids stay the conditional ones). Embeddings are cached per prompt."""
 
     def __init__(self, tokenizers: list, text_encoders: list, device, sdxl: bool = False,
-                 resolution: int | None = None):
+                 resolution: int | None = None, force_zeros_for_empty_prompt: bool = False):
         self.tokenizers, self.text_encoders, self.device, self.sdxl = tokenizers, text_encoders, device, sdxl
         self.resolution = resolution
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     @torch.no_grad()
@@ -85,7 +88,17 @@ class TextConditioner(Conditioner):
         if prompts is None:
             raise ValueError("text-conditional model needs prompts")
         prompts = list(prompts)
-        return Cond(self._kwargs(prompts), self._kwargs([""] * len(prompts)), labels)
+        return Cond(self._kwargs(prompts), self._null_kwargs(len(prompts)), labels)
+
+    def _null_kwargs(self, n: int) -> dict:
+        """The unconditional branch of n samples (see the class docstring)."""
+        kw = self._kwargs([""] * n)
+        if self.force_zeros_for_empty_prompt:
+            kw["encoder_hidden_states"] = torch.zeros_like(kw["encoder_hidden_states"])
+            if "added_cond_kwargs" in kw:
+                added = kw["added_cond_kwargs"]
+                kw["added_cond_kwargs"] = {**added, "text_embeds": torch.zeros_like(added["text_embeds"])}
+        return kw
 
 
 

@@ -59,6 +59,9 @@ class TrainConfig(Strict):
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    precision_per_network: dict[str, Literal["fp32", "bf16", "fp16"]] = Field(
+        default_factory=dict, description="per-network precision of its forward passes, e.g. {fake_score: fp32} "
+                                          "(fp32: outside autocast); a key is a network or a group of them")
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
     gradient_checkpointing: bool = False
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
@@ -89,6 +92,11 @@ class TrainConfig(Strict):
             except ValidationError as e:
                 raise ValueError(f"optim_per_network.{name}: {_first_error(e)}") from None
         return self
+
+    def precision_for(self, network: str, group: str | None = None) -> str | None:
+        """The network's ``precision_per_network`` entry, else its group's; None: ``precision`` applies."""
+        table = self.precision_per_network
+        return table.get(network, table.get(group) if group else None)
 
     def optim_for(self, network: str, group: str | None = None) -> OptimConfig:
         """``optim`` with the overrides of the network's group (e.g. ``fake_score`` for every phase's fake score)

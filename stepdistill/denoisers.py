@@ -5,7 +5,9 @@ A Denoiser wraps a network whose call is ``net(x_t, t, **cond_kwargs)`` -- Diffu
 and the toy ``MLP`` all fit -- and exposes ``x0 / eps / v`` for any training prediction type, with
 classifier-free guidance. Model-family differences live in how a :class:`Cond` is built (see
 ``models.py``), never inside losses. A Denoiser may name a peft adapter of its network: teacher,
-fake score and student can then share one frozen base (teacher = adapters off).
+fake score and student can then share one frozen base (teacher = adapters off). A Denoiser may also fix the
+precision of its network's forward passes (``precision``): fp32 runs outside the training loop's autocast, as DMD2
+keeps its fake score, whose f - r is amplified by s_t / a_t (~13 at t = 980) in the x0-prediction.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ class Cond:
 
 
 # ---- the interface -------------------------------------------------------------------------------
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class Denoiser(nn.Module):
     """Clean-sample / noise predictor D(x_t, t, cond) over a network trained with ``prediction_type``."""
 
@@ -65,6 +70,9 @@ class Denoiser(nn.Module):
         self.prediction_type = prediction_type
         self.adapter = adapter  # peft adapter to activate for this view (None: leave the net as it is)
         self.adapters_off = adapters_off  # True: run the frozen base with every adapter disabled (teacher)
+        # forward passes: None follows the surrounding autocast (train.precision); "fp32" runs without autocast
+        # on fp32 inputs; "bf16" / "fp16" autocast to that dtype
+        self.precision: str | None = None
 
     def view(self, adapter: str | None = None, adapters_off: bool = False, prediction_type: str | None = None
              ) -> "Denoiser":
@@ -76,8 +84,12 @@ class Denoiser(nn.Module):
         t = _as_batch_t(t, x_t)
         from .lora import active_adapter  # local import: lora imports peft lazily
 
-        with active_adapter(self.net, self.adapter, self.adapters_off):
-            out = self.net(x_t, t, **(cond_kwargs or {}))
+        cond_kwargs = cond_kwargs or {}
+        if self.precision == "fp32":
+            x_t = x_t.float()
+            cond_kwargs = _tree_map(lambda v: v.float() if v.is_floating_point() else v, cond_kwargs)
+        with active_adapter(self.net, self.adapter, self.adapters_off), _autocast(self.precision, x_t.device):
+            out = self.net(x_t, t, **cond_kwargs)
         return out.sample if hasattr(out, "sample") else out
 
     def predict(self, x_t: torch.Tensor, t, cond: Cond | None = None,
@@ -112,6 +124,17 @@ class Denoiser(nn.Module):
         out = self.predict(x_t, t, cond, guidance)
         return (self.schedule.to_x0(out, x_t, t, self.prediction_type),
                 self.schedule.to_eps(out, x_t, t, self.prediction_type))
+
+
+def _autocast(precision: str | None, device: torch.device):
+    """The autocast context of a forward pass at ``precision`` (None: whatever surrounds it)."""
+    if precision is None:
+        return contextlib.nullcontext()
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {sorted(PRECISIONS)}")
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
 
 
 def _as_batch_t(t, x: torch.Tensor) -> torch.Tensor:

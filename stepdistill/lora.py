@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import re
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -60,17 +63,24 @@ def add_lora(net: nn.Module, name: str, rank: int, alpha: float | None = None,
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=targets,
                         init_lora_weights=init)
     before = {id(p): p.requires_grad for p in net.parameters()}
-    if hasattr(net, "add_adapter"):  # Diffusers' PeftAdapterMixin (UNet2DModel has none: peft injects directly)
-        net.add_adapter(config, adapter_name=name)  # (also makes it the only active adapter)
-    else:
-        import warnings
-
-        with warnings.catch_warnings():  # several named adapters on one base is the point here
-            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+    with several_adapters():
+        if hasattr(net, "add_adapter"):  # Diffusers' PeftAdapterMixin (UNet2DModel has none: peft injects directly)
+            net.add_adapter(config, adapter_name=name)  # (also makes it the only active adapter)
+        else:
             inject_adapter_in_model(config, net, adapter_name=name)
     # the new adapter is trainable; everything else keeps its flag (add_adapter freezes earlier adapters)
     for p in net.parameters():
         p.requires_grad_(before.get(id(p), True))
+
+
+@contextlib.contextmanager
+def several_adapters() -> Iterator[None]:
+    """Around adding a named adapter to a network that has others: several adapters on one base is the point here
+    (student, fake score, experts), so peft's "Already found a `peft_config` attribute in the model. This will lead
+    to having multiple adapters" warning is dropped; every other warning passes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+        yield
 
 
 def lora_parameters(net: nn.Module, name: str) -> list[nn.Parameter]:
@@ -136,6 +146,33 @@ def _selection(recorded) -> Iterator[None]:
 
 
 # ---- export / import -----------------------------------------------------------------------------
+class _DropRecords(logging.Filter):
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
+@contextlib.contextmanager
+def unet_lora_loading() -> Iterator[None]:
+    """Around a stock pipeline's ``load_lora_weights(..., adapter_name=NAME)`` of a UNet-only LoRA (every LoRA
+    stepdistill exports), one of several adapters: drops Diffusers' "No LoRA keys associated to
+    CLIPTextModel(WithProjection) found with the prefix='text_encoder(_2)'" warning, which such a file always
+    triggers, and peft's multiple-adapters warning (:func:`several_adapters`). Everything else, a UNet without LoRA
+    keys included, still logs."""
+    logger = logging.getLogger("diffusers.loaders.lora_base")
+    drop = _DropRecords(r"^No LoRA keys associated to CLIPTextModel(WithProjection)? found with the "
+                        r"prefix='text_encoder(_2)?'")
+    logger.addFilter(drop)
+    try:
+        with several_adapters():
+            yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def adapter_state_dict(net: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """peft state dict of one adapter, keys without the adapter name (as peft saves them)."""
     from peft.utils import get_peft_model_state_dict

@@ -284,11 +284,21 @@ def _sd_bundle(path: Path, kind: str, model_cfg, device) -> ModelBundle:
         m.requires_grad_(False).to(device)
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     res = unet.config.sample_size * scale
-    cond = TextConditioner(toks, encs, device, sdxl=kind == "sdxl", resolution=res)
+    cond = TextConditioner(toks, encs, device, sdxl=kind == "sdxl", resolution=res,
+                           force_zeros_for_empty_prompt=zeros_for_empty_prompt(path, kind))
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     return ModelBundle(kind, Denoiser(unet, schedule, sched_cfg["prediction_type"]), unet, schedule, sched_cfg,
                        shape, cond, vae=vae, vae_scaling=vae.config.scaling_factor,
                        components={"tokenizers": toks, "text_encoders": encs})
+
+
+def zeros_for_empty_prompt(path: Path, kind: str) -> bool:
+    """The pipeline's ``force_zeros_for_empty_prompt`` (model_index.json): whether its unconditional branch for
+    ``negative_prompt=None`` is zeros. StableDiffusionXLPipeline defaults to true when the folder does not say;
+    StableDiffusionPipeline has no such option (the empty prompt's encoding)."""
+    index = path / "model_index.json"
+    config = json.loads(index.read_text()) if index.exists() else {}
+    return bool(config.get("force_zeros_for_empty_prompt", kind == "sdxl"))
 
 
 def bundle_from_pipeline(pipe) -> ModelBundle:
@@ -302,7 +312,8 @@ def bundle_from_pipeline(pipe) -> ModelBundle:
     schedule = NoiseSchedule.from_scheduler_config(config)
     pred = config.get("prediction_type", "epsilon")
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    return ModelBundle("sdxl" if sdxl else "sd", Denoiser(unet, schedule, pred), unet, schedule, config, shape,
-                       TextConditioner(toks, encs, pipe.device, sdxl=sdxl, resolution=res), vae=pipe.vae,
-                       vae_scaling=pipe.vae.config.scaling_factor, components={"tokenizers": toks,
-                                                                               "text_encoders": encs})
+    cond = TextConditioner(toks, encs, pipe.device, sdxl=sdxl, resolution=res,
+                           force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", False)))
+    return ModelBundle("sdxl" if sdxl else "sd", Denoiser(unet, schedule, pred), unet, schedule, config, shape, cond,
+                       vae=pipe.vae, vae_scaling=pipe.vae.config.scaling_factor,
+                       components={"tokenizers": toks, "text_encoders": encs})

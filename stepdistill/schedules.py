@@ -75,6 +75,13 @@ class NoiseSchedule:
     def log_snr(self, t) -> torch.Tensor:
         return self.snr(t).log()
 
+    def timestep_range(self, lo: float, hi: float) -> tuple[int, int]:
+        """The integer timesteps (first, last; both included) of the fraction range [lo, hi] of the T training
+        timesteps: (int(lo T), int(hi T)), the last clamped to T - 1, the largest timestep a network was trained on
+        (hi = 1 would give T)."""
+        T = self.num_train_timesteps
+        return min(int(lo * T), T - 1), min(int(hi * T), T - 1)
+
     def t_from_log_snr(self, log_snr, round_to_int: bool = True) -> torch.Tensor:
         """Inverse of ``log_snr`` on 0..T-1 by linear interpolation (log-SNR decreases with t)."""
         table = self.log_snr(torch.arange(self.num_train_timesteps)).numpy()

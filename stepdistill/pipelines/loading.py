@@ -199,6 +199,8 @@ def _has_network(folder: Path, fmt: str) -> bool:
 
 
 def _pipeline_student(pipe, student_dir: Path, table) -> PipelineSampler:
+    from ..lora import unet_lora_loading
+
     networks: dict[str, Any] = {TEACHER: None}
     for name, entry in table.items():
         folder = student_dir / entry.path
@@ -207,7 +209,8 @@ def _pipeline_student(pipe, student_dir: Path, table) -> PipelineSampler:
                 raise UsageError(f"the pipeline already has an adapter named {name!r}; load the student into a "
                                  f"pipeline without it (or delete_adapters({name!r}) first)")
             try:
-                pipe.load_lora_weights(str(folder), adapter_name=name)
+                with unet_lora_loading():
+                    pipe.load_lora_weights(str(folder), adapter_name=name)
             except (ValueError, RuntimeError, KeyError) as e:
                 raise UsageError(f"the LoRA in {folder} does not fit the base model ({str(e).splitlines()[0][:160]});"
                                  f" use the base it was trained on") from None

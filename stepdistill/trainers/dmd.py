@@ -27,7 +27,7 @@ from ..generators import FewStepGenerator
 from ..models import load_bundle
 from ..pipelines.plan import SamplingRecipe
 from ..training import Method, Phase
-from .common import RegressionPairs, make_trainable, teacher_view
+from .common import RegressionPairs, TrainableNet, make_trainable, teacher_view
 from .dmd_terms import distribution_matching_loss, fake_score_loss, gan_discriminator_loss, gan_generator_loss
 
 PAIRS_FILE = "regression_pairs.safetensors"
@@ -42,7 +42,7 @@ class DMDTermsConfig(MethodConfig):
                                                     "(the fake score updates every step)")
     fake_repeats: int = Field(1, ge=1, description="fake-score updates per step")
     min_t: float = Field(0.02, ge=0, lt=1, description="DM loss timesteps ~ U[min_t T, max_t T]")
-    max_t: float = Field(0.98, gt=0, le=1)
+    max_t: float = Field(0.98, gt=0, le=1, description="the last timestep is at most T - 1 (max_t = 1: T - 1)")
     student: StudentNetConfig = StudentNetConfig()
     fake_score: StudentNetConfig = StudentNetConfig()
     shared_base: bool = Field(True, description="when student and fake score are both LoRAs: one frozen base "
@@ -95,8 +95,7 @@ class DMDMethod(Method):
             self.head = GANHead(feature_channels(self.fake_network().module),
                                 mc.gan.hidden, flat=b.kind == "mlp").to(ctx.device)
         self.pairs = self._regression_pairs() if mc.regression is not None else None
-        T = b.schedule.num_train_timesteps
-        self.t_range = (int(mc.min_t * T), int(mc.max_t * T))
+        self.t_range = b.schedule.timestep_range(mc.min_t, mc.max_t)
 
     def _build_networks(self) -> None:
         """The student (a few-step generator) and its fake score; methods with several generators override."""
@@ -114,12 +113,19 @@ class DMDMethod(Method):
         """A fake score (the GAN head reads its bottleneck's width)."""
         return self.fake
 
+    def fake_networks(self) -> dict[str, TrainableNet]:
+        """Every fake score, by network name."""
+        return {"fake_score": self.fake}
+
     # -- structure --------------------------------------------------------------------------------
     def networks(self):
         nets = {"student": self.student.module, "fake_score": self.fake.module}
         if self.head is not None:
             nets["gan_head"] = self.head
         return nets
+
+    def network_denoisers(self):
+        return {name: net.denoiser for name, net in {**self.student_networks(), **self.fake_networks()}.items()}
 
     def trainable(self, name, net):
         if name == "student":

@@ -23,8 +23,10 @@ from ..schedules import CLEAN, NoiseSchedule
 def noised(schedule: NoiseSchedule, x: torch.Tensor, t_range: tuple[int, int], draw, t: torch.Tensor | None = None,
            eps: torch.Tensor | None = None, s: int = CLEAN) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_t, t, eps) with t ~ U{t_range[0], ..., t_range[1]} (both ends included) and x_t = a_t x + s_t eps, or
-    x_t ~ q(x_t | x_s) for x at timestep ``s`` >= 0."""
+    x_t ~ q(x_t | x_s) for x at timestep ``s`` >= 0. A range outside the trained timesteps [0, T) is an error."""
     if t is None:
+        if not 0 <= t_range[0] <= t_range[1] < schedule.num_train_timesteps:
+            raise ValueError(f"timestep range {t_range} leaves [0, {schedule.num_train_timesteps})")
         t = draw.randint(t_range[0], t_range[1] + 1, (x.shape[0],))
     if eps is None:
         eps = draw.randn_like(x)
@@ -42,9 +44,10 @@ def distribution_matching_loss(x: torch.Tensor, cond: Cond | None, real: Denoise
     """DMD's distribution-matching loss (Yin et al. 2023, Eq. 7-8): at x_t of x, g = (f - r) / mean|x0 - r| from
     the real score's CFG x0-prediction r and the fake score's f; per-sample 0.5 ||x - sg(x - g)||^2, whose
     gradient flows into x only. x0 (the normaliser's clean estimate) is x itself for clean x; for x at timestep
-    s >= 0 pass the generator's own x0-prediction."""
+    s >= 0 pass the generator's own x0-prediction. x_t and the x0-conversions are fp32, so g is fp32 wherever the
+    networks run fp32 (the fake score's ``precision``): its f - r is amplified by s_t / a_t at high t."""
     with torch.no_grad():
-        x_t, t, _ = noised(fake.schedule, x.detach(), t_range, draw, t, eps, s)
+        x_t, t, _ = noised(fake.schedule, x.detach().float(), t_range, draw, t, eps, s)
         real_x0 = real.x0(x_t, t, cond, guidance)
         fake_x0 = fake.x0(x_t, t, cond)
         grad = L.dmd_gradient(x if x0 is None else x0, real_x0, fake_x0)

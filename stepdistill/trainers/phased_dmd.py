@@ -138,6 +138,9 @@ class PhasedDMDMethod(DMDMethod):
     def fake_network(self):
         return self.fakes[0]
 
+    def fake_networks(self):
+        return {f"fake_score_{k}": f for k, f in enumerate(self.fakes)}
+
     # -- structure --------------------------------------------------------------------------------
     def networks(self):
         nets = {f"expert_{k}": e.module for k, e in enumerate(self.experts)}

@@ -197,6 +197,9 @@ class TSCDMethod(Method):
             nets["gan_head"] = self.head
         return nets
 
+    def network_denoisers(self):
+        return {"student": self.student.denoiser}
+
     def trainable(self, name, net):
         if name == "student":
             return self.student.named_parameters()

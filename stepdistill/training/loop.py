@@ -87,10 +87,12 @@ class Trainer:
 
         self.nets = self.method.networks()
         known = set(self.nets) | {self.method.network_group(name) for name in self.nets} - {None}
-        unknown = sorted(set(self.cfg.train.optim_per_network) - known)
-        if unknown:
-            raise UsageError(f"train.optim_per_network names {', '.join(map(repr, unknown))}, which this method does "
-                             f"not train; its networks: {', '.join(sorted(known))}")
+        for key in ("optim_per_network", "precision_per_network"):
+            unknown = sorted(set(getattr(self.cfg.train, key)) - known)
+            if unknown:
+                raise UsageError(f"train.{key} names {', '.join(map(repr, unknown))}, which this method does not "
+                                 f"train; its networks: {', '.join(sorted(known))}")
+        self._setup_precision()
         self.params: dict[str, list[tuple[str, nn.Parameter]]] = {}
         self.opts: dict[str, torch.optim.Optimizer] = {}
         self.scheds: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
@@ -111,6 +113,20 @@ class Trainer:
             unknown = set(phase.networks) - set(self.nets)
             if unknown:
                 raise RuntimeError(f"phase {phase.name!r} names unknown networks {sorted(unknown)}")
+
+    def _setup_precision(self) -> None:
+        """``train.precision_per_network``: each network's Denoiser view runs its forward passes at that precision
+        (fp32: outside the loop's autocast), the others under ``train.precision``."""
+        views = self.method.network_denoisers()
+        for name in self.nets:
+            precision = self.cfg.train.precision_for(name, self.method.network_group(name))
+            if precision is None:
+                continue
+            if name not in views:
+                raise UsageError(f"train.precision_per_network: network {name!r} has no denoiser whose precision can "
+                                 f"be set; it runs under train.precision (networks with one: "
+                                 f"{', '.join(sorted(views)) or 'none'})")
+            views[name].precision = precision
 
     def _setup_ema(self):
         from diffusers.training_utils import EMAModel

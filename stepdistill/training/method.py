@@ -14,6 +14,7 @@ from torch import nn
 from ..config import MethodConfig, RunConfig
 
 if TYPE_CHECKING:
+    from ..denoisers import Denoiser
     from ..pipelines.plan import SamplingRecipe
 
 
@@ -120,6 +121,11 @@ class Method(abc.ABC):
         """The group whose ``train.optim_per_network`` entry network ``name`` also takes (several networks of one
         role, e.g. every phase's fake score); None: its own entry only."""
         return None
+
+    def network_denoisers(self) -> dict[str, Denoiser]:
+        """The Denoiser view each network runs through, by network name: where ``train.precision_per_network``
+        sets the precision of its forward passes (a network without one cannot take an entry)."""
+        return {}
 
     def ema_networks(self) -> list[str]:
         """The networks EMA averages when ``train.ema.networks`` is not given."""
