@@ -28,6 +28,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, help="override the CFG scale")
     p.add_argument("--out", type=Path, default=Path("samples"), help="output folder (default ./samples)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--hybrid-base-steps", type=int, metavar="N",
                    help="--run: the run's teacher takes the first N steps of the student's recipe, the student the "
                         "rest (hybrid sampling, Gandikota & Bau 2025)")
@@ -88,6 +89,10 @@ def run(args) -> int:
 
     if args.num < 1 or args.batch_size < 1:
         raise UsageError("--num and --batch-size must be >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads {args.threads}: give a thread count >= 1")
+        torch.set_num_threads(args.threads)
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps {args.steps}: give a step count >= 1")
     if args.out.exists() and not args.out.is_dir():

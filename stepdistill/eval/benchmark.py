@@ -124,17 +124,21 @@ def _digits_clip(device):
 
 def generic_benchmark(ref_folder: str | None = None, prompts: list[str] | None = None, num_classes: int | None = None,
                       clip_model: str | None = None, clip_pretrained: str | None = None, device="cpu",
-                      cache_root: Path | None = None, progress: bool = True, extractor=None) -> Benchmark:
-    """User models: Inception FID / precision / recall against ``ref_folder`` (clean-fid), CLIP score with
-    ``clip_model``; prompts cycle through ``prompts``, class ids through ``num_classes``."""
+                      cache_root: Path | None = None, progress: bool = True, extractor=None,
+                      inception: str | Path | None = None) -> Benchmark:
+    """User models: Inception FID / precision / recall against ``ref_folder`` (clean-fid; ``inception``: its
+    weights file, see ``features.inception_file``), CLIP score with ``clip_model`` / ``clip_pretrained``;
+    prompts cycle through ``prompts``, class ids through ``num_classes``."""
     from .clip_score import CLIPScorer
     from .features import InceptionFeatures
 
-    ref = None
+    ref, notes = None, {}
     if ref_folder is not None:
-        extractor = extractor or InceptionFeatures(device)
+        extractor = extractor or InceptionFeatures(device, inception)
+        if isinstance(extractor, InceptionFeatures):
+            notes["inception_weights"] = str(extractor.weights)
         ref = folder_reference(ref_folder, extractor, device, cache_root, progress)
-    clip = CLIPScorer(clip_model, clip_pretrained, device) if clip_model else None
+    clip = CLIPScorer(clip_model, clip_pretrained, device) if clip_model or clip_pretrained else None
     if prompts:
         make = prompt_conditions(prompts)
     elif num_classes:
@@ -142,7 +146,35 @@ def generic_benchmark(ref_folder: str | None = None, prompts: list[str] | None =
     else:
         make = lambda n: Conditions()  # noqa: E731
     return Benchmark("generic", extractor=extractor if ref is not None else None, reference=ref, clip=clip,
-                     make_conditions=make)
+                     make_conditions=make, notes=notes)
+
+
+def missing_metrics(bench: Benchmark, folder: bool = False, labelled: bool = False) -> dict[str, str]:
+    """Per image metric ``bench`` cannot compute: why, and the flag that enables it. ``folder``: an image folder
+    is scored (it has no prompts; ``labelled``: its images sit in subfolders 0..9)."""
+    if bench.output == "points":
+        return {}  # toy2d has its own metrics, all computed
+    out = {}
+    if bench.reference is None:
+        out.update(dict.fromkeys(("fid", "precision", "recall"), "no reference images; pass --ref FOLDER"))
+    if bench.extractor is None:
+        out["diversity"] = "no feature space (Inception features come with the reference); pass --ref FOLDER"
+    if bench.clip is None:
+        if folder:
+            out["clip_score"] = ("an image folder has no prompts; evaluate the model instead (--model with "
+                                 "--prompts FILE and --clip-model NAME)")
+        elif bench.conditions(1).prompts is None:
+            out["clip_score"] = "no prompts; pass --prompts FILE (text-to-image models) and --clip-model NAME"
+        elif "clip_note" in bench.notes:
+            out["clip_score"] = "the digits-clip asset did not load; pass --clip-model NAME --clip-pretrained FILE"
+        else:
+            out["clip_score"] = "no CLIP model; pass --clip-model NAME (and --clip-pretrained TAG|FILE|FOLDER)"
+    if bench.classifier is None:
+        out["condition_accuracy"] = ("no classifier of the conditions; pass --benchmark digits or digits-sd "
+                                     "(digit models)")
+    elif folder and not labelled:
+        out["condition_accuracy"] = "no labels; put the images in subfolders 0..9 named by their digit"
+    return out
 
 
 def folder_reference(folder, extractor, device="cpu", cache_root=None, progress=True) -> Reference:

@@ -4,12 +4,14 @@ write DIR/report.json, report.md and report.html (see ``stepdistill.eval.report`
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 from ..errors import UsageError
+from .features import INCEPTION_ENV, INCEPTION_FILE, inception_file
 
 EXAMPLES = """examples:
   stepdistill eval --model digits --steps 1,2,4,8,50 --num-samples 1000 --out runs/eval-digits
@@ -21,7 +23,9 @@ EXAMPLES = """examples:
                                                    (teacher, student and teacher-then-student hybrid rows, x0 grids)
   stepdistill eval --images samples/ --out runs/eval-folder          (subfolders 0..9 give digit labels)
   stepdistill eval --model ./my-sd15 --prompts prompts.txt --ref ./coco-val --clip-model ViT-B-32 \\
-      --clip-pretrained openai --out runs/eval-sd15                   (Inception / CLIP weights: connected machine)
+      --clip-pretrained openai --out runs/eval-sd15                   (Inception / CLIP weights: downloaded)
+  stepdistill eval --model ./my-sd15 --prompts prompts.txt --ref ./coco-val --inception inception-2015-12-05.pt \\
+      --clip-pretrained ./CLIP-ViT-B-32 --out runs/eval-sd15          (offline: local weights, Hub-layout folder)
 """
 
 
@@ -71,7 +75,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     met.add_argument("--classifier", type=Path, metavar="FOLDER",
                      help="digit classifier folder (default: the shipped digits-classifier asset)")
     met.add_argument("--clip-model", help="open_clip model name (default digits-clip on the digits benchmarks)")
-    met.add_argument("--clip-pretrained", help="open_clip pretrained tag or weights file / folder")
+    met.add_argument("--clip-pretrained", metavar="TAG|FILE|FOLDER",
+                     help="open_clip weights: a tag (e.g. openai, downloaded), a folder in Hugging Face Hub layout "
+                          "(open_clip_config.json + open_clip_model.safetensors or open_clip_pytorch_model.bin; "
+                          "--clip-model then optional) or a weights file of --clip-model's architecture")
+    met.add_argument("--inception", type=Path, metavar="FILE",
+                     help=f"clean-fid's Inception weights ({INCEPTION_FILE}) for FID with --ref (default: "
+                          f"${INCEPTION_ENV}, else clean-fid's copy, downloaded on first use)")
     met.add_argument("--no-speed", action="store_true", help="skip the timing rounds (no ms/image column)")
     met.add_argument("--speed-repeats", type=int, default=5, metavar="N",
                      help="timing rounds after generation: each round times one batch of every row in turn, so "
@@ -82,6 +92,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="report folder")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--cache-dir", type=Path, help="reference statistics cache (default ~/.cache/stepdistill/fid)")
+    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
@@ -126,12 +137,19 @@ def _check_args(args) -> None:
         raise UsageError(f"--recipe {args.recipe!r}: give a file name in RUN/student/, e.g. sampling.json")
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file; give a folder for the report")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: give a thread count >= 1")
+    if args.ref is not None and (args.inception or os.environ.get(INCEPTION_ENV)):
+        inception_file(args.inception)  # a wrong path fails before any model loads
 
 
 def run(args) -> int:
+    from .benchmark import missing_metrics
     from .report import markdown, write_report
 
     _check_args(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     load_average = _load_average()
     device = _device(args.device)
     progress = not args.quiet
@@ -139,11 +157,13 @@ def run(args) -> int:
     if args.images is not None:
         from .evaluate import evaluate_folder
 
-        from .images import list_images
+        from .images import folder_labels, list_images
 
-        list_images(args.images)  # bad folders fail before any model loads
+        files = list_images(args.images)  # bad folders fail before any model loads
         bench = _images_benchmark(args, device, progress)
         rows = [evaluate_folder(bench, args.images, out, device, progress)]
+        missing = missing_metrics(bench, folder=True,
+                                  labelled=folder_labels(files, args.images.expanduser()) is not None)
     else:
         from .evaluate import evaluate_entry
 
@@ -160,13 +180,18 @@ def run(args) -> int:
                                                        args.seed + args.num_samples, device, progress)):
                 row.update(sp)
         rows = [r for row in rows for r in (row, *row.pop("part_rows", []))]  # a routed row, then its parts
+        missing = missing_metrics(bench)
     settings = {**bench.settings(), "num_samples": args.num_samples, "seed": args.seed, "batch_size": args.batch_size,
                 "device": str(device), "mem_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss",
                 "torch_threads": torch.get_num_threads(), "load_average_at_start": load_average,
                 "speed": None if args.images is not None or args.no_speed else
                 f"median of {args.speed_repeats} interleaved rounds of one batch per row"}
+    if missing:
+        settings["missing_metrics"] = missing
     report = write_report(rows, out, settings)
     sys.stdout.write(markdown(report))
+    for metric, why in missing.items():  # what was not computed, and the flag that would compute it
+        print(f"stepdistill: {metric}: {why}")
     print(f"stepdistill: wrote {out / 'report.json'}, report.md, report.html")
     return 0
 
@@ -192,7 +217,7 @@ def _images_benchmark(args, device, progress):
                                 cache_root=args.cache_dir, progress=progress)  # a folder has no prompts
     if name == "generic":
         return generic_benchmark(str(args.ref) if args.ref else None, device=device, cache_root=args.cache_dir,
-                                 progress=progress)
+                                 progress=progress, inception=args.inception)
     raise UsageError(f"--benchmark {name} does not score image folders; use digits, digits-sd or generic")
 
 
@@ -205,7 +230,7 @@ def _classifier(args, device):
 
 
 def _clip_choice(args, device):
-    if args.clip_model is None:
+    if args.clip_model is None and args.clip_pretrained is None:
         return "auto"
     from .clip_score import CLIPScorer
 
@@ -234,7 +259,8 @@ def _entries(args, device, progress):
     entries = []
     if args.model is not None:
         teacher = loaded[0]
-        guidance = args.guidance if args.guidance is not None else _default_guidance(teacher)
+        guidance, why = _teacher_guidance(args, teacher, students)
+        bench.notes["teacher_guidance"] = ("none" if guidance is None else f"{guidance:g}") + f" ({why})"
         for s in parse_steps(args.steps or DEFAULT_STEPS):
             spec = SamplingRecipe(scheduler=args.scheduler, num_inference_steps=s, guidance_scale=guidance,
                                   eta=args.eta)
@@ -276,6 +302,24 @@ def _toy_mixture(args, students):
     return runs[0][1] if runs else Toy2DData()
 
 
+def _teacher_guidance(args, teacher, students) -> tuple[float | None, str]:
+    """The teacher rows' CFG scale and where it comes from: ``--guidance``, else the evaluated runs' real-score
+    guidance (``method.real_guidance``: the guided teacher the students were distilled toward, so the teacher rows
+    show what they imitate), else the model's recommended value."""
+    if args.guidance is not None:
+        return args.guidance, "--guidance"
+    runs = {s.source: float(g) for s in students
+            if isinstance(g := (s.info.get("method") or {}).get("real_guidance"), (int, float))}
+    if len(set(runs.values())) == 1:
+        return next(iter(runs.values())), ("the run's" if len(runs) == 1 else "the runs'") + " real-score guidance"
+    model = _default_guidance(teacher)
+    why = "the model's recommended value" if model is not None else "the model records no recommended value"
+    if runs:  # runs distilled with different scales: no one of them is the teacher they all saw
+        why += "; the runs' real-score guidance differs (" + ", ".join(f"{Path(k).name}: {v:g}"
+                                                                      for k, v in runs.items()) + ")"
+    return model, why
+
+
 def _default_guidance(loaded) -> float | None:
     info = loaded.info or {}
     for key in ("guidance_scale", "guidance"):
@@ -312,4 +356,4 @@ def _benchmark(name, loaded, args, device, progress):
     cond = getattr(loaded[0].sampler, "conditioner", None)
     num_classes = getattr(cond, "num_classes", None)
     return generic_benchmark(str(args.ref) if args.ref else None, prompts, num_classes, args.clip_model,
-                             args.clip_pretrained, device, args.cache_dir, progress)
+                             args.clip_pretrained, device, args.cache_dir, progress, inception=args.inception)

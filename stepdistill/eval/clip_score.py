@@ -2,7 +2,9 @@
 "CLIPScore", with torchmetrics' scale of 100 instead of 2.5).
 
 The model and its weights are configurable (``model_name`` + ``pretrained``: an open_clip tag such as
-``ViT-B-32`` / ``openai``, fetched by open_clip on a connected machine, or a local file / folder). The
+``ViT-B-32`` / ``openai``, fetched by open_clip on a connected machine, or local weights: a folder in the
+Hugging Face Hub layout, ``open_clip_config.json`` + ``open_clip_model.safetensors`` or
+``open_clip_pytorch_model.bin``, or a single weights file of a named architecture). The
 default, ``digits-clip``, is the small CLIP the project trains on the digits-sd images and prompts
 (``stepdistill assets build digits-clip``): its open_clip config is registered with
 ``open_clip.add_model_config`` from the asset folder.
@@ -23,6 +25,8 @@ from ..errors import UsageError
 
 DIGITS_CLIP = "digits-clip"
 WEIGHTS = "open_clip_model.safetensors"
+HUB_CONFIG = "open_clip_config.json"  # open_clip's Hugging Face Hub layout: this config beside one of HUB_WEIGHTS
+HUB_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 TOKENIZER_DIR = "."  # tokenizer files sit beside the weights, as open_clip's local-dir: layout expects
 
 
@@ -54,15 +58,60 @@ def register(arch: dict, name: str, folder: Path) -> None:
 
 
 def register_config(folder: Path, name: str = DIGITS_CLIP) -> None:
-    """Register the open_clip model config ``folder/NAME.json`` (as the digits-clip asset ships it)."""
+    """Register the open_clip model config ``folder/NAME.json`` (as the digits-clip asset and stepdistill's
+    open_clip exports ship it)."""
     cfg = Path(folder) / f"{name}.json"
+    fix = f"rebuild it with 'stepdistill assets build {name}'" if name == DIGITS_CLIP else "export it again"
     if not cfg.is_file():
-        raise UsageError(f"{folder} lacks {cfg.name}; rebuild it with 'stepdistill assets build {name}'")
+        raise UsageError(f"{folder} lacks {cfg.name}; {fix}")
     try:
         arch = json.loads(cfg.read_text())
     except json.JSONDecodeError:
-        raise UsageError(f"{cfg} is not valid JSON; rebuild it with 'stepdistill assets build {name}'") from None
+        raise UsageError(f"{cfg} is not valid JSON; {fix}") from None
     register(arch, name, Path(folder))
+
+
+def hub_weights(folder: Path) -> Path | None:
+    """The weights of an open_clip folder in Hugging Face Hub layout (``open_clip_config.json`` beside them)."""
+    return next((Path(folder) / w for w in HUB_WEIGHTS if (Path(folder) / w).is_file()), None)
+
+
+def local_model(model_name: str | None, pretrained: str) -> tuple[str, str | None, dict | None]:
+    """``(model name, pretrained, preprocess config)`` for ``open_clip.create_model`` from local weights: a folder
+    with ``NAME.json`` and open_clip_model.safetensors (a stepdistill export), a Hub-layout folder
+    (``open_clip_config.json`` and its weights, opened as ``local-dir:``), or a weights file (its architecture:
+    ``model_name``, open_clip's own or, when open_clip does not know it, the ``open_clip_config.json`` beside the
+    file, whose preprocessing then applies too)."""
+    import open_clip
+
+    path = Path(pretrained).expanduser()
+    layout = f"{HUB_CONFIG} with {' or '.join(HUB_WEIGHTS)} (Hugging Face Hub layout)"
+    if path.is_dir():
+        if model_name and (path / f"{model_name}.json").is_file():
+            register_config(path, model_name)
+            return model_name, str(path / WEIGHTS), None
+        if (path / HUB_CONFIG).is_file():
+            if hub_weights(path) is None:
+                raise UsageError(f"{path} has {HUB_CONFIG} but no weights: expected {' or '.join(HUB_WEIGHTS)}")
+            return f"local-dir:{path.resolve()}", None, None
+        own = f", or {model_name}.json with {WEIGHTS}" if model_name else ""
+        raise UsageError(f"--clip-pretrained {path}: not an open_clip folder; expected {layout}{own}")
+    if path.is_file():
+        if model_name is None:
+            raise UsageError(f"--clip-pretrained {path} is a weights file: name its architecture with --clip-model "
+                             f"NAME, or give the folder with {HUB_CONFIG}")
+        if open_clip.get_model_config(model_name) is None and (path.parent / HUB_CONFIG).is_file():
+            try:
+                hub = json.loads((path.parent / HUB_CONFIG).read_text())
+                register(hub["model_cfg"], model_name, path.parent)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UsageError(f"{path.parent / HUB_CONFIG} has no open_clip model_cfg") from None
+            return model_name, str(path), hub.get("preprocess_cfg") or None
+        return model_name, str(path), None
+    if model_name is None:
+        raise UsageError(f"--clip-pretrained {pretrained}: no such file or folder (an open_clip tag needs "
+                         f"--clip-model NAME)")
+    return model_name, pretrained, None  # an open_clip tag (e.g. openai), fetched by open_clip
 
 
 @contextlib.contextmanager
@@ -77,22 +126,25 @@ def quiet_open_clip():
         root.setLevel(level)
 
 
-def load_clip(model_name: str = DIGITS_CLIP, pretrained: str | None = None, device="cpu"):
-    """(model, tokenizer) in eval mode. ``digits-clip`` with ``pretrained=None`` takes the shipped asset."""
+def load_clip(model_name: str | None = DIGITS_CLIP, pretrained: str | None = None, device="cpu"):
+    """(model, tokenizer) in eval mode. ``digits-clip`` with ``pretrained=None`` takes the shipped asset;
+    ``pretrained``: an open_clip tag or local weights (:func:`local_model`)."""
     import open_clip
 
-    if model_name == DIGITS_CLIP and pretrained is None:
-        from .. import assets
+    preprocess = None
+    if pretrained is None:
+        if model_name in (None, DIGITS_CLIP):
+            from .. import assets
 
-        folder = assets.path(DIGITS_CLIP)
-        register_config(folder)
-        pretrained = str(folder / WEIGHTS)
-    elif pretrained is not None and Path(pretrained).is_dir():
-        register_config(Path(pretrained), model_name)
-        pretrained = str(Path(pretrained) / WEIGHTS)
+            folder = assets.path(DIGITS_CLIP)
+            register_config(folder)
+            model_name, pretrained = DIGITS_CLIP, str(folder / WEIGHTS)
+    else:
+        model_name, pretrained, preprocess = local_model(model_name, str(pretrained))
     try:
         with quiet_open_clip():
-            model = open_clip.create_model(model_name, pretrained=pretrained, device=device, require_pretrained=True)
+            model = open_clip.create_model(model_name, pretrained=pretrained, device=device,
+                                           require_pretrained=True, force_preprocess_cfg=preprocess)
             tokenizer = open_clip.get_tokenizer(model_name)
     except Exception as e:  # open_clip raises RuntimeError / FileNotFoundError / ValueError
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -103,8 +155,9 @@ def load_clip(model_name: str = DIGITS_CLIP, pretrained: str | None = None, devi
 class CLIPScorer:
     """Image and prompt embeddings of one open_clip model; ``score(images, prompts)`` per sample."""
 
-    def __init__(self, model_name: str = DIGITS_CLIP, pretrained: str | None = None, device="cpu"):
-        self.name = model_name if pretrained is None else f"{model_name}:{Path(str(pretrained)).name}"
+    def __init__(self, model_name: str | None = DIGITS_CLIP, pretrained: str | None = None, device="cpu"):
+        self.name = (model_name or DIGITS_CLIP) if pretrained is None else \
+            f"{model_name or 'open_clip'}:{Path(str(pretrained)).name}"
         self.device = torch.device(device)
         self.model, self.tokenizer = load_clip(model_name, pretrained, self.device)
         cfg = getattr(self.model.visual, "preprocess_cfg", {})

@@ -9,6 +9,9 @@ serves torchmetrics (in memory) and clean-fid (folders, through :class:`CleanFID
 from __future__ import annotations
 
 import hashlib
+import os
+import platform
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -56,23 +59,65 @@ class ClassifierFeatures(FeatureExtractor):
         return self.classifier(self._input(images)).float()
 
 
+INCEPTION_FILE = "inception-2015-12-05.pt"  # the TorchScript Inception-v3 clean-fid downloads (FID's standard net)
+INCEPTION_URL = f"https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/{INCEPTION_FILE}"
+INCEPTION_ENV = "STEPDISTILL_INCEPTION"
+
+
+def _how_to_pass() -> str:
+    return (f"fetch {INCEPTION_URL} on a connected machine and pass --inception FILE or set "
+            f"{INCEPTION_ENV}=FILE")
+
+
+def inception_file(path: str | Path | None = None) -> Path:
+    """clean-fid's Inception weights: ``path`` (``--inception``), else ``$STEPDISTILL_INCEPTION``, else the copy
+    clean-fid keeps in /tmp (downloaded there on first use by a connected machine). A folder stands for
+    ``FOLDER/inception-2015-12-05.pt``."""
+    given, origin = (path, "--inception") if path else (os.environ.get(INCEPTION_ENV), f"${INCEPTION_ENV}")
+    if given:
+        p = Path(given).expanduser()
+        p = p / INCEPTION_FILE if p.is_dir() else p
+        if not p.is_file():
+            raise UsageError(f"{origin} {given}: no such file; FID needs clean-fid's Inception weights "
+                             f"{INCEPTION_FILE}: {_how_to_pass()}")
+        return p
+    from cleanfid.downloads_helper import check_download_inception
+
+    try:
+        return Path(check_download_inception("./" if platform.system() == "Windows" else "/tmp"))
+    except Exception as e:  # noqa: BLE001 -- offline: URLError / OSError / HTTPError
+        raise UsageError(f"FID needs clean-fid's Inception weights {INCEPTION_FILE}, which are not here and "
+                         f"cannot be downloaded ({type(e).__name__}): {_how_to_pass()}") from None
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:10]
+
+
 class InceptionFeatures(FeatureExtractor):
-    """clean-fid's Inception-v3 pool3 features (2048-d) with its "clean" (PIL bicubic) resize to 299x299.
-    clean-fid downloads the weights on first use, so this needs a connected machine once."""
+    """clean-fid's Inception-v3 pool3 features (2048-d) with its "clean" (PIL bicubic) resize to 299x299. The
+    weights are clean-fid's TorchScript file (:func:`inception_file`); the name carries its hash, so cached
+    reference statistics never come from other weights."""
 
     num_features = 2048
-    name = "inception-v3-clean"
 
-    def __init__(self, device="cpu"):
+    def __init__(self, device="cpu", weights: str | Path | None = None):
         super().__init__()
-        from cleanfid.features import build_feature_extractor
         from cleanfid.resize import build_resizer
 
+        self.weights = inception_file(weights)
         try:
-            self.model = build_feature_extractor("clean", torch.device(device), use_dataparallel=False)
-        except Exception as e:  # noqa: BLE001 -- offline: urllib / OSError / RuntimeError
-            raise UsageError(f"cannot load clean-fid's Inception weights ({type(e).__name__}); they are "
-                             f"downloaded on first use, so run once on a connected machine") from None
+            self.model = torch.jit.load(str(self.weights), map_location=torch.device(device)).eval()
+            self.model.layers  # clean-fid's "clean" mode runs the net's ``layers`` (see forward)
+        except (RuntimeError, ValueError, OSError, AttributeError) as e:
+            first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            raise UsageError(f"{self.weights} is not clean-fid's TorchScript Inception {INCEPTION_FILE} ({first}); "
+                             f"{_how_to_pass()}") from None
+        self.name = f"inception-v3-clean-{file_digest(self.weights)}"
         self.resize = build_resizer("clean")
         self.device = torch.device(device)
 
@@ -83,7 +128,9 @@ class InceptionFeatures(FeatureExtractor):
             x = x.expand(-1, 3, -1, -1)
         arr = (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         batch = np.stack([self.resize(a) for a in arr]).transpose(0, 3, 1, 2)  # clean resize, (B, 3, 299, 299)
-        return self.model(torch.from_numpy(batch).float().to(self.device)).float()
+        batch = torch.from_numpy(batch).float().to(self.device)  # [0, 255]
+        # clean-fid's InceptionV3W.forward without resize_inside: scale to [-1, 1], run the layers, (B, 2048)
+        return self.model.layers.forward((batch - 128) / 128).view(len(batch), 2048).float()
 
 
 class PassThrough(FeatureExtractor):

@@ -4,6 +4,7 @@
 One row per sampler configuration. Metrics that do not apply are null: FID / precision / recall need a
 feature space and reference set, ``clip_score`` prompts and a CLIP model, ``condition_accuracy`` digit
 conditions and the classifier, speed a sampler; ``sw2`` / ``modes_covered`` / ``on_mode`` are toy2d's.
+``settings.missing_metrics`` says, per metric the evaluation could not compute, why and which flag enables it.
 """
 
 from __future__ import annotations
@@ -116,7 +117,9 @@ def fmt(v) -> str:
 def markdown(report: Report) -> str:
     cols = _columns(report)
     lines = [f"# stepdistill eval — {report.settings.get('benchmark', '')}", ""]
-    lines += [f"- {k}: {v}" for k, v in report.settings.items()] + [""]
+    for k, v in report.settings.items():  # a dict (e.g. missing_metrics: metric -> why) as a nested list
+        lines += [f"- {k}:", *(f"  - {a}: {b}" for a, b in v.items())] if isinstance(v, dict) else [f"- {k}: {v}"]
+    lines.append("")
     lines.append("| " + " | ".join(cols) + " |")
     lines.append("|" + "|".join("---" for _ in cols) + "|")
     for r in report.rows:
@@ -198,13 +201,20 @@ def _img(out_dir: Path, rel: str, alt: str) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}" title="{html.escape(rel)}">'
 
 
+def _setting_html(value) -> str:
+    if isinstance(value, dict):  # e.g. missing_metrics: metric -> why
+        return "<ul>" + "".join(f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>"
+                                for k, v in value.items()) + "</ul>"
+    return html.escape(str(value))
+
+
 def to_html(report: Report, out_dir: Path, plots: dict[str, str]) -> str:
     cols = _columns(report)
     esc = html.escape
     head = "".join(f"<th>{esc(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{esc(fmt(r.model_dump()[c]))}</td>" for c in cols) + "</tr>"
                    for r in report.rows)
-    settings = "".join(f"<li><b>{esc(str(k))}</b>: {esc(str(v))}</li>" for k, v in report.settings.items())
+    settings = "".join(f"<li><b>{esc(str(k))}</b>: {_setting_html(v)}</li>" for k, v in report.settings.items())
     figs = "".join(f"<figure>{_img(out_dir, p, n)}<figcaption>{esc(n)}</figcaption></figure>"
                    for n, p in plots.items())
     grids = "".join(f"<figure>{_img(out_dir, r.grid, r.name)}<figcaption>{esc(r.name)}</figcaption></figure>"

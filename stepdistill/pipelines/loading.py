@@ -100,6 +100,7 @@ def load_teacher(source: str, device="cpu", data_cfg=None, benchmark: str | None
         raise UsageError(f"--model {source!r} is neither toy2d, digits, digits-sd nor a Diffusers folder")
     loaded = _from_folder(path, device)
     loaded.benchmark = benchmark or "generic"
+    loaded.info = _asset_info(path)  # a copy of an asset keeps its recorded values (e.g. its guidance)
     return loaded
 
 
@@ -270,7 +271,10 @@ def load_run(run_dir: str | Path, device="cpu", recipe: str = RECIPE_FILE) -> Lo
                          f"train writes it at the end or with --max-steps)")
     st = load_student(student, device=device, recipe=recipe, model_cfg=model_cfg, data_cfg=data_cfg)
     benchmark = BENCHMARK_OF_DATA.get(data_cfg.name, "generic")
-    return Loaded(st.sampler, benchmark, str(run_dir), st.recipe, method, data_cfg)
+    raw = yaml.safe_load(read_text(run_dir / "config.yaml", "YAML config")) or {}
+    method_cfg = raw.get("method") if isinstance(raw.get("method"), dict) else {}
+    return Loaded(st.sampler, benchmark, str(run_dir), st.recipe, method, data_cfg,
+                  info={"method": method_cfg})  # the run's method section as saved (e.g. its real_guidance)
 
 
 def hybrid_recipe(sampler: Sampler, recipe: SamplingRecipe, base_steps: int = 1, mode: str = "replace",
