@@ -121,20 +121,24 @@ def checkpoint_keeping_adapters(module: nn.Module, *args):
 
     layers = _tuner_layers(module) if isinstance(module, nn.Module) else []
     recorded = [(layer, list(layer.active_adapters), layer.disable_adapters) for layer in layers]
+    flags = [(p, p.requires_grad) for p in module.parameters()] if isinstance(module, nn.Module) else []
     return checkpoint(module.__call__, *args, use_reentrant=False,
-                      context_fn=lambda: (contextlib.nullcontext(), _selection(recorded)))
+                      context_fn=lambda: (contextlib.nullcontext(), _selection(recorded, flags)))
 
 
 @contextlib.contextmanager
-def _selection(recorded) -> Iterator[None]:
-    """Put tuner layers back into a recorded (active adapters, disabled) selection, keeping requires_grad flags."""
+def _selection(recorded, flags=()) -> Iterator[None]:
+    """Put tuner layers back into a recorded (active adapters, disabled) selection, keeping requires_grad flags, or
+    setting the recorded ``flags`` (parameter, requires_grad) of a forward pass: a network that ran frozen (the
+    fake score in DMD2's generator term) must be recomputed frozen, or the recomputation saves other tensors."""
     current = [(layer, list(layer.active_adapters), layer.disable_adapters) for layer, _, _ in recorded]
     grads = [(p, p.requires_grad) for layer, _, _ in recorded for p in layer.parameters()]
+    grads += [(p, p.requires_grad) for p, _ in flags]
     try:
         for layer, names, disabled in recorded:
             layer.set_adapter(names)
             layer.enable_adapters(not disabled)
-        for p, flag in grads:
+        for p, flag in [*grads, *flags]:
             p.requires_grad_(flag)
         yield
     finally:
