@@ -172,7 +172,26 @@ class PromptsData(Strict):
     file: str = Field(..., description="text file with one prompt per line")
 
 
-DataConfig = Annotated[Union[Toy2DData, DigitsData, DigitsSDData, PromptsData], Field(discriminator="name")]
+class ImagesData(Strict):
+    """A local image folder (layouts, preprocessing and the latent cache: ``stepdistill/data/images.py``)."""
+
+    name: Literal["images"] = "images"
+    folder: str = Field(..., description="imagefolder (metadata.jsonl), images with .txt captions, or class "
+                                         "subfolders")
+    caption_column: str = Field("text", description="metadata.jsonl column holding a caption or a list of them")
+    resolution: int | None = Field(None, ge=8, description="square side in pixels; null: the model's own")
+    crop: Literal["center", "random"] = Field("center", description="random crops are not cached: each draw is "
+                                                                    "encoded by the VAE")
+    hflip: float = Field(0.0, ge=0, le=1, description="probability of a horizontal flip (the cache keeps mirror "
+                                                      "images)")
+    empty_prompt_prob: float = Field(0.0, ge=0, le=1, description="share of empty prompts (caption dropout for "
+                                                                  "CFG, e.g. 0.1 to train a teacher)")
+    cache_dir: str | None = Field(None, description="latent cache root; null: $STEPDISTILL_CACHE/latents or "
+                                                    "~/.cache/stepdistill/latents")
+
+
+DataConfig = Annotated[Union[Toy2DData, DigitsData, DigitsSDData, PromptsData, ImagesData],
+                       Field(discriminator="name")]
 
 
 # ---- methods: the shared base and the pieces several methods use ------------------------------------------

@@ -1,5 +1,6 @@
 """Data sources: real samples (for denoising, GAN and regression terms) and condition draws (for
-data-free distillation). All randomness comes from the caller's generator, so runs resume exactly."""
+data-free distillation). All randomness comes from the caller's generator, so runs resume exactly.
+Local image folders (``images``, with a latent cache for latent models) are described in ``images.py``."""
 
 from __future__ import annotations
 
@@ -41,4 +42,8 @@ def build_data(data_cfg, bundle=None) -> DataSource:
         from .prompts import PromptSource
 
         return PromptSource(data_cfg)
+    if name == "images":
+        from .images import ImageFolderSource
+
+        return ImageFolderSource(data_cfg, bundle)
     raise ValueError(f"unknown data source {name!r}")
