@@ -115,6 +115,8 @@ def main(argv=None) -> int:
     p.add_argument("--sd-seeds", default="0", help="seeds of every digits-sd student row")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--eval-only", action="store_true", help="train nothing: score the runs that have a student and "
+                                                             "list the missing ones")
     p.add_argument("--skip", default="", help="comma-separated benchmarks to leave out (digits, digits-sd)")
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -140,9 +142,17 @@ def main(argv=None) -> int:
     first = {"K=1 (one-step DMD)": 0, "K=4 same size": 0, "K=4 smaller (TSM + DMD)": 1, "K=2 same size": 3}
     queue = sorted(((first.get(name, 2), seed, run, config, o) for plan in plans.values()
                     for name, seed, run, config, o in plan), key=lambda x: (x[0], x[1]))
-    t0 = time.time()
-    train_jobs([(run, config, o) for _, _, run, config, o in queue], args.jobs)
-    print(f"trained in {(time.time() - t0) / 60:.1f} min", flush=True)
+    missing = []
+    if args.eval_only:
+        done = lambda run: (run / "student" / "sampling.json").exists()  # noqa: E731
+        missing = [f"{b}: {name} seed {seed}" for b, plan in plans.items() for name, seed, run, _, _ in plan
+                   if not done(run)]
+        plans = {b: [x for x in plan if done(x[2])] for b, plan in plans.items()}
+        plans = {b: plan for b, plan in plans.items() if plan}
+    else:
+        t0 = time.time()
+        train_jobs([(run, config, o) for _, _, run, config, o in queue], args.jobs)
+        print(f"trained in {(time.time() - t0) / 60:.1f} min", flush=True)
 
     rows, checks, summary = [], [], {}
     for bench, plan in plans.items():
@@ -179,11 +189,12 @@ def main(argv=None) -> int:
                        check("digits-sd: routed students' FID <= one-student DMD LoRA's", many, "<=", one)]
     result = {"command": command, "steps": args.steps, "tsm_steps": tsm, "batch_size": args.batch_size,
               "sd_steps": args.sd_steps, "sd_batch_size": args.sd_batch_size, "rows": rows, "summary": summary,
-              "targets": checks}
+              "targets": checks, "missing_runs": missing}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "msd.json").write_text(json.dumps(result, indent=2) + "\n")
     text = "\n".join([f"`{command}`", "", *markdown_table(rows, COLUMNS), "", "| summary | value |", "|---|---|",
-                      *[f"| {k} | {v} |" for k, v in summary.items()], "", *targets_table(checks)]) + "\n"
+                      *[f"| {k} | {v} |" for k, v in summary.items()], "", *targets_table(checks),
+                      *([""] + [f"- not trained: {m}" for m in missing] if missing else [])]) + "\n"
     (args.out / "msd.md").write_text(text)
     print(text)
     return 0
