@@ -37,7 +37,15 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                                                   "schedule still follows train.steps")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, the parameters of every network and an estimate of the memory "
+                        "each process holds for them (networks built on the meta device: no weights are read), "
+                        "and exit")
+    p.add_argument("--num-gpus", type=int, metavar="N",
+                   help="--dry-run: estimate for N processes (default: the launch's, else accelerate's config, else 1)")
+    p.add_argument("--unet-config", type=Path, metavar="FILE",
+                   help="--dry-run: build the network from this UNet config.json (or a folder with one) instead of "
+                        "model.pretrained, e.g. configs/sdxl/unet.json")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -82,6 +90,8 @@ def cmd_run(args, kind: str) -> int:
         raise UsageError(f"method {cfg.method.name!r} is run with 'stepdistill {other}', not '{kind}'")
     if args.dry_run:
         sys.stdout.write(dump_config(cfg))
+        if _is_main():
+            sys.stdout.write(_dry_run_account(cfg, method, args))
         return 0
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError("--max-steps must be >= 1")
@@ -117,6 +127,39 @@ def cmd_run(args, kind: str) -> int:
     if out is not None and _is_main():
         print(f"stepdistill: wrote {out}")
     return 0
+
+
+def _dry_run_account(cfg, method, args) -> str:
+    """Networks and the per-process memory estimate (``training.memory``) as YAML comments."""
+    from .training.memory import describe
+
+    if args.num_gpus is not None and args.num_gpus < 1:
+        raise UsageError("--num-gpus must be >= 1")
+    if args.unet_config is not None and not args.unet_config.exists():
+        raise UsageError(f"--unet-config {args.unet_config} not found")
+    n, source = _process_count(args.num_gpus)
+    chosen = cfg.train.distributed.strategy
+    if chosen == "auto":
+        chosen = "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else "ddp"
+    return describe(cfg, method, n, source, args.unet_config, chosen)
+
+
+def _process_count(num_gpus: int | None) -> tuple[int, str]:
+    """How many processes the dry run estimates for, and where the number comes from."""
+    if num_gpus is not None:
+        return num_gpus, "--num-gpus"
+    if os.environ.get("WORLD_SIZE", "").isdigit():
+        return int(os.environ["WORLD_SIZE"]), "the launch"
+    try:
+        from accelerate.commands.config import default_config_file, load_config_from_file
+
+        if Path(default_config_file).is_file():
+            n = getattr(load_config_from_file(default_config_file), "num_processes", None)
+            if isinstance(n, int) and n >= 1:
+                return n, f"accelerate config {default_config_file}"
+    except (ImportError, OSError, ValueError):
+        pass
+    return 1, "no launch; --num-gpus N for more"
 
 
 def _is_main() -> bool:
@@ -156,4 +199,11 @@ SUBCOMMAND_MODULES: list[str] = [
 
 def entry() -> None:
     signals.install()
-    sys.exit(main())
+    from . import launch
+
+    try:  # accelerate launch --cpu --num_processes N starts one process: start the N through torchrun
+        relaunch = launch.cpu_relaunch(sys.argv[1:])
+    except UsageError as e:
+        print(f"stepdistill: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    sys.exit(launch.run(relaunch) if relaunch else main())

@@ -27,6 +27,16 @@ class NoConditioner(Conditioner):
         return Cond({}, None, labels)
 
 
+class ConfigOnlyConditioner(Conditioner):
+    """The conditioner of a text-to-image network built from its config alone (``models.meta_bundle``, dry runs):
+    without text-encoder weights there are no prompt encodings."""
+
+    def encode(self, labels=None, prompts=None) -> Cond:
+        from .errors import UsageError
+
+        raise UsageError("prompts cannot be encoded by a model built from its config alone (no weights were read)")
+
+
 class ClassConditioner(Conditioner):
     """``class_labels`` kwarg; id ``num_classes`` is the unconditional (null) class for CFG."""
 

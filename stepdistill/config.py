@@ -53,6 +53,18 @@ class EMAConfig(Strict):
     warmup: bool = Field(False, description="Diffusers EMAModel decay warmup (1 - (1+s)/(10+s))")
 
 
+class DistributedConfig(Strict):
+    """How several processes (``accelerate launch`` / ``torchrun``) share a run; one process ignores it.
+    ``stepdistill/training/distributed.py`` describes both strategies."""
+
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="auto: fsdp when accelerate's config selects FSDP (accelerate launch --use_fsdp), else "
+                            "ddp. ddp: every process holds every network, gradients are averaged in buckets during "
+                            "backward. fsdp: FSDP2 shards full networks (weights, gradients, AdamW and EMA states) "
+                            "and the frozen teacher; LoRA networks need ddp")
+    bucket_mb: float = Field(25.0, gt=0, description="ddp: gradient all-reduce bucket size in MiB (DDP's default)")
+
+
 class TrainConfig(Strict):
     steps: int = Field(1000, ge=1, description="total optimisation steps (the LR schedule uses this)")
     batch_size: int = Field(64, ge=1, description="per-process batch size")
@@ -75,6 +87,7 @@ class TrainConfig(Strict):
     log_with: Literal["auto", "none", "tensorboard"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (null: torch's default)")
+    distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="after")
     def _optim_overrides(self):

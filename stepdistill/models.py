@@ -109,6 +109,8 @@ def load_bundle(model_cfg, data_cfg=None, device: torch.device | str = "cpu") ->
         return _toy2d_bundle(model_cfg, data_cfg, device)
     if src is None:
         return _scratch_bundle(model_cfg, data_cfg, device)
+    if torch.device(device).type == "meta":
+        return meta_bundle(model_cfg)
     path, kind = family(model_cfg)
     if kind == "unet2d":
         bundle = _unet2d_bundle(path, model_cfg, device)
@@ -290,6 +292,52 @@ def _sd_bundle(path: Path, kind: str, model_cfg, device) -> ModelBundle:
     return ModelBundle(kind, Denoiser(unet, schedule, sched_cfg["prediction_type"]), unet, schedule, sched_cfg,
                        shape, cond, vae=vae, vae_scaling=vae.config.scaling_factor,
                        components={"tokenizers": toks, "text_encoders": encs})
+
+
+def meta_bundle(model_cfg) -> ModelBundle:
+    """The bundle of ``model.pretrained`` built on the meta device from configs alone, reading no weights (what
+    ``--dry-run`` counts). ``model.pretrained`` is a Diffusers pipeline folder (its text encoders and VAE are built
+    too), a UNet folder or a UNet ``config.json``. Prompts cannot be encoded: there are no weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .conditioners import ConfigOnlyConditioner
+    from .userfiles import read_json
+
+    path = resolve_source(model_cfg.pretrained)
+    unet_file = path if path.is_file() else next(
+        (f for f in (path / "unet" / "config.json", path / "config.json") if f.is_file()), None)
+    if unet_file is None:
+        raise UsageError(f"{path} has neither unet/config.json nor config.json to build the network from")
+    config = read_json(unet_file, "UNet config")
+    if not isinstance(config, dict):
+        raise UsageError(f"{unet_file} is not a UNet config (a JSON object)")
+    kind = model_cfg.kind
+    if kind == "auto":
+        kind = "unet2d" if config.get("_class_name") == "UNet2DModel" else \
+            "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
+    root = path if path.is_dir() and (path / "unet").is_dir() else None  # a pipeline folder
+    sched_file = root / "scheduler" / "scheduler_config.json" if root else None
+    sched_cfg = read_json(sched_file, "scheduler config") if sched_file and sched_file.is_file() \
+        else dict(DEFAULT_SCHEDULER)
+    if model_cfg.prediction_type:
+        sched_cfg["prediction_type"] = model_cfg.prediction_type
+    schedule = _schedule_from(sched_cfg)
+    encoders = []
+    with torch.device("meta"):
+        unet = (UNet2DModel if kind == "unet2d" else UNet2DConditionModel).from_config(config)
+        for sub, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+            if root is not None and (root / sub / "config.json").is_file():
+                encoders.append(cls(CLIPTextConfig.from_json_file(root / sub / "config.json")))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae")) \
+            if root is not None and (root / "vae" / "config.json").is_file() else None
+    for m in [unet, *encoders, *([vae] if vae is not None else [])]:
+        m.requires_grad_(False)
+    n = getattr(unet.config, "num_class_embeds", None)
+    cond = (ClassConditioner(n - 1, "meta") if n else NoConditioner()) if kind == "unet2d" else ConfigOnlyConditioner()
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    return ModelBundle(kind, Denoiser(unet, schedule, sched_cfg["prediction_type"]), unet, schedule, sched_cfg, shape,
+                       cond, vae=vae, components={"text_encoders": encoders}, source=model_cfg.pretrained)
 
 
 def zeros_for_empty_prompt(path: Path, kind: str) -> bool:

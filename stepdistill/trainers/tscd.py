@@ -109,6 +109,7 @@ class TSCDMethod(Method):
     kind = "distill"
     config = TSCDConfig
     export_network = "student"
+    fsdp_unsupported = "its EMA target is an unsharded twin that copies the student weight by weight"
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)

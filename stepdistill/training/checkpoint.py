@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..userfiles import sha256
+from .distributed import like, sharded
 
 CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "state.json"
@@ -135,9 +136,10 @@ def describe_nonfinite(bad: dict[str, int]) -> str:
 
 
 # ---- trained weights --------------------------------------------------------------------------------
-def write_weights(folder: Path, params: dict[str, list[tuple[str, nn.Parameter]]],
+def write_weights(folder: Path, params: dict[str, list[tuple[str, torch.Tensor]]],
                   extra: dict[str, torch.Tensor]) -> None:
-    """``{network}/{parameter}`` for every trained parameter, ``extra/{key}`` for a method's own tensors."""
+    """``{network}/{parameter}`` for every trained parameter, ``extra/{key}`` for a method's own tensors (whole
+    tensors: the loop gathers sharded ones first)."""
     weights = {f"{net}/{n}": p.detach().cpu().contiguous() for net, named in params.items() for n, p in named}
     weights.update({f"extra/{k}": v.detach().cpu().contiguous() for k, v in extra.items()})
     st.save_file(weights, folder / "weights.safetensors")
@@ -152,17 +154,18 @@ def read_weights(ckpt: Path, params: dict[str, list[tuple[str, nn.Parameter]]]) 
             key = f"{net}/{n}"
             if key not in weights:
                 raise UsageError(f"{ckpt} lacks {key}; the config changed since it was written")
-            p.copy_(weights[key])
+            p.copy_(like(weights[key], p))
     return {k[len("extra/"):]: v for k, v in weights.items() if k.startswith("extra/")}
 
 
 # ---- optimisers, LR schedules, EMA -----------------------------------------------------------------------
-def write_optimizers(folder: Path, opts: dict[str, torch.optim.Optimizer],
+def write_optimizers(folder: Path, states: dict[str, dict],
                      scheds: dict[str, torch.optim.lr_scheduler.LRScheduler]) -> dict[str, Any]:
-    """Optimiser tensors to ``optimizer.safetensors``; returns the JSON part (with the LR schedules)."""
+    """Optimiser state dicts (whole tensors) to ``optimizer.safetensors``; returns the JSON part (with the LR
+    schedules)."""
     tensors, meta = {}, {}
-    for net, opt in opts.items():
-        t, j = flatten_optimizer(opt.state_dict())
+    for net, state in states.items():
+        t, j = flatten_optimizer(state)
         tensors.update({f"{net}/{k}": v for k, v in t.items()})
         meta[net] = {"optimizer": j, "scheduler": scheds[net].state_dict()}
     st.save_file(tensors or EMPTY, folder / "optimizer.safetensors")
@@ -175,15 +178,25 @@ def read_optimizers(ckpt: Path, meta: dict[str, Any], opts: dict[str, torch.opti
     for net, opt in opts.items():
         j = meta[net]
         own = {k[len(net) + 1:]: v for k, v in tensors.items() if k.startswith(net + "/")}
-        opt.load_state_dict(unflatten_optimizer(own, j["optimizer"]))
+        opt.load_state_dict(_laid_out(unflatten_optimizer(own, j["optimizer"]), opt))
         scheds[net].load_state_dict(j["scheduler"])
 
 
-def write_ema(folder: Path, emas: dict[str, Any]) -> dict[str, Any]:
-    """Shadow parameters of Diffusers ``EMAModel`` s to ``ema.safetensors``; returns the JSON part."""
+def _laid_out(sd: dict, opt: torch.optim.Optimizer) -> dict:
+    """An optimiser state dict of whole tensors with each parameter-shaped state sharded as its parameter is."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for idx, state in sd["state"].items():
+        p = params[int(idx)]
+        if sharded(p):
+            sd["state"][idx] = {k: like(v, p) if torch.is_tensor(v) and v.shape == p.shape else v
+                                for k, v in state.items()}
+    return sd
+
+
+def write_ema(folder: Path, states: dict[str, dict]) -> dict[str, Any]:
+    """Diffusers ``EMAModel`` state dicts (whole shadow tensors) to ``ema.safetensors``; returns the JSON part."""
     tensors, meta = {}, {}
-    for net, ema in emas.items():
-        sd = ema.state_dict()
+    for net, sd in states.items():
         tensors.update({f"{net}/{i}": p.detach().cpu().contiguous() for i, p in enumerate(sd["shadow_params"])})
         meta[net] = {k: v for k, v in sd.items() if k != "shadow_params"}
     st.save_file(tensors or EMPTY, folder / "ema.safetensors")
@@ -194,7 +207,7 @@ def read_ema(ckpt: Path, meta: dict[str, Any], emas: dict[str, Any], device: tor
     tensors = st.load_file(ckpt / "ema.safetensors")
     for net, ema in emas.items():
         sd = dict(meta[net])
-        sd["shadow_params"] = [tensors[f"{net}/{i}"] for i in range(len(ema.shadow_params))]
+        sd["shadow_params"] = [like(tensors[f"{net}/{i}"], s) for i, s in enumerate(ema.shadow_params)]
         ema.load_state_dict(sd)
         ema.to(device=device)
 

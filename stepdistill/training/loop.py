@@ -5,9 +5,17 @@ resume (from the newest checkpoint that verifies), and stops that lose nothing: 
 current step and checkpoints it (``stepdistill.signals``); non-finite weights or a failed write stop the run
 with one line naming the last good checkpoint, and nothing non-finite or half-written is ever a checkpoint.
 
-Many processes: run under ``accelerate launch``; gradients of a phase's parameters are averaged across
-processes with one flat all-reduce (accelerate's ``reduce``) before the optimiser step, and only the
-main process writes checkpoints, logs and artifacts.
+Many processes: run under ``accelerate launch`` or ``torchrun`` (a CPU launch with ``accelerate launch --cpu`` is
+started again through torchrun, ``stepdistill.launch``). Accelerate builds the process group, the device and
+autocast; ``train.distributed.strategy`` picks how the work is shared (:mod:`.distributed`): ddp keeps a replica
+of every network per process and averages the gradients of the networks a phase steps in buckets while its
+backward pass runs (DDP's reducer, applied per phase because networks are called through Denoiser views and
+LoRA adapters on one shared base, not through wrappers, and the phases of a step train different adapters of that
+base); fsdp shards full networks, their gradients, AdamW and EMA states and the frozen teacher with FSDP2,
+gathering weights for the length of a phase (methods call networks a number of times that differs between
+processes, e.g. backward simulation, so gathering per forward pass could not keep the collectives in step); LoRA
+networks under fsdp are a UsageError naming ddp. Each process draws its own batches (its generator is seeded with
+its rank); only the main process writes checkpoints (whole tensors under both strategies), logs and artifacts.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import os
 import shutil
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +41,7 @@ from .checkpoint import (CorruptCheckpoint, checkpoint_dir, complete_checkpoints
                          latest_checkpoint, nonfinite, publish, read_ema, read_optimizers, read_rng, read_weights,
                          set_aside, staging_dirs, verify, write_ema, write_optimizers, write_rng, write_state,
                          write_weights)
+from .distributed import GradSync, Sharding, any_process, fsdp_refusal, full_tensor, local, resolve_strategy
 from .method import Context, Method, Phase
 
 
@@ -45,15 +54,21 @@ class Trainer:
         self.window: dict[str, list[float]] = {}  # loss values since the last metrics row (checkpointed)
         self._spent = {"wall_s": 0.0, "cpu_s": 0.0}  # training time of earlier sessions of this run (resume)
         self._clock = (time.time(), time.process_time())
+        self.strategy = "none"  # how processes share the work (training/distributed.py): none | ddp | fsdp
+        self.sync: GradSync | None = None  # ddp: averages a phase's gradients over the processes
+        self.sharding: Sharding | None = None  # fsdp: the sharded networks
 
     # -- setup ------------------------------------------------------------------------------------
     def _setup_accelerator(self):
         from accelerate import Accelerator
 
         tc = self.cfg.train
-        cuda = torch.cuda.is_available() and tc.device != "cpu"
-        if tc.device == "cuda" and not torch.cuda.is_available():
-            raise UsageError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+        # accelerate launch --cpu sets ACCELERATE_USE_CPU, which makes accelerate run on the CPU whatever cpu= says
+        forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        cuda = torch.cuda.is_available() and tc.device != "cpu" and not forced_cpu
+        if tc.device == "cuda" and not cuda:
+            raise UsageError("train.device=cuda but no CUDA device is visible (or accelerate launch --cpu was used); "
+                             "use train.device=auto or cpu")
         precision = tc.precision if tc.precision != "auto" else ("bf16" if cuda else "fp32")
         log_with = []
         if tc.log_with != "none" and self.run_dir is not None:
@@ -73,6 +88,14 @@ class Trainer:
         self.precision = precision
         if tc.num_threads:
             torch.set_num_threads(tc.num_threads)
+        from accelerate.utils import DistributedType
+
+        self.strategy = resolve_strategy(tc.distributed.strategy, self.acc.num_processes,
+                                         self.acc.distributed_type == DistributedType.FSDP)
+        if self.acc.num_processes > 1 and self.acc.is_main_process:
+            backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
+            print(f"stepdistill: {self.acc.num_processes} processes ({self.strategy}, {backend} on "
+                  f"{self.acc.device.type})", file=sys.stderr)
 
     def _setup_context(self) -> Context:
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 1000003 + self.acc.process_index)
@@ -98,6 +121,8 @@ class Trainer:
         self.scheds: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
         for name, net in self.nets.items():
             configure_network(net, self.cfg.train)
+        self._setup_distribution()
+        for name, net in self.nets.items():
             named = self.method.trainable(name, net)
             if not named:
                 raise RuntimeError(f"network {name!r} has no trainable parameters")
@@ -113,6 +138,24 @@ class Trainer:
             unknown = set(phase.networks) - set(self.nets)
             if unknown:
                 raise RuntimeError(f"phase {phase.name!r} names unknown networks {sorted(unknown)}")
+        if self.strategy == "ddp":
+            self.sync = GradSync({name: [p for _, p in named] for name, named in self.params.items()},
+                                 int(self.cfg.train.distributed.bucket_mb * 2**20))
+            self.sync.broadcast()
+
+    def _setup_distribution(self) -> None:
+        """fsdp: shard the trained networks and the frozen ones (teacher) before the optimisers see their
+        parameters; a method or network fsdp cannot shard is a UsageError naming ddp."""
+        if self.strategy != "fsdp":
+            return
+        named = {name: self.method.trainable(name, net) for name, net in self.nets.items()}
+        refusal = fsdp_refusal(self.method, self.nets, named)
+        if refusal:
+            raise UsageError(refusal)
+        trained = {id(m) for m in self.nets.values()}
+        frozen = [m for m in self.method.frozen_networks().values() if id(m) not in trained]
+        modules = {id(m): m for m in [*self.nets.values(), *frozen]}  # each module once
+        self.sharding = Sharding(list(modules.values()), self.acc.device)
 
     def _setup_precision(self) -> None:
         """``train.precision_per_network``: each network's Denoiser view runs its forward passes at that precision
@@ -138,8 +181,8 @@ class Trainer:
         for name in ec.networks or self.method.ema_networks():
             if name not in self.nets:
                 raise UsageError(f"train.ema.networks names {name!r}; networks are {sorted(self.nets)}")
-            self.emas[name] = EMAModel([p for _, p in self.params[name]], decay=ec.decay,
-                                       use_ema_warmup=ec.warmup, foreach=True)
+            self.emas[name] = EMAModel([p for _, p in self.params[name]], decay=ec.decay,  # (no foreach DTensor copy)
+                                       use_ema_warmup=ec.warmup, foreach=self.sharding is None)
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self) -> Path | None:
@@ -231,11 +274,17 @@ class Trainer:
             ema.optimization_step = 0
 
     def _run_phase(self, phase: Phase, weights: dict[str, float]) -> dict[str, float]:
+        with self.sharding.gathered() if self.sharding else nullcontext():
+            return self._phase_updates(phase, weights)
+
+    def _phase_updates(self, phase: Phase, weights: dict[str, float]) -> dict[str, float]:
         for opt in self.opts.values():
             opt.zero_grad(set_to_none=True)
         accum = self.cfg.train.grad_accum
         logs: dict[str, float] = {}
-        for _ in range(accum):
+        for micro in range(accum):
+            if self.sync is not None and micro == accum - 1:  # earlier micro-batches only accumulate (no_sync)
+                self.sync.arm(phase.networks)
             batch = self.method.batch(phase.name)
             with self.acc.autocast():
                 losses = self.method.losses(batch, phase.name)
@@ -254,27 +303,17 @@ class Trainer:
                     total = weights[key] * v if total is None else total + weights[key] * v
             if total is not None:
                 (total / accum).backward()
+        if self.sync is not None:
+            self.sync.finish()
         for name in phase.networks:
             params = [p for _, p in self.params[name]]
-            if self.acc.num_processes > 1:
-                self._all_reduce_grads(params)
             clip = self.cfg.train.optim_for(name, self.method.network_group(name)).grad_clip
             if clip:
                 norm = torch.nn.utils.clip_grad_norm_(params, clip)
-                logs[f"{phase.name}/log/grad_norm_{name}"] = float(norm)
+                logs[f"{phase.name}/log/grad_norm_{name}"] = float(full_tensor(norm))
             self.opts[name].step()
             self.scheds[name].step()
         return logs
-
-    def _all_reduce_grads(self, params: list[nn.Parameter]) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.flatten() for g in grads])
-        flat = self.acc.reduce(flat, reduction="mean")
-        offset = 0
-        for p, g in zip(params, grads):
-            n = g.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone()
-            offset += n
 
     def _lr(self) -> float:
         name = next(iter(self.opts))
@@ -297,14 +336,16 @@ class Trainer:
             ema.store(params)
             ema.copy_to(params)
             stored[name] = params
+        sharded = [m for m in self.nets.values() if self.sharding and self.sharding.owns(m)]
         try:
-            if self.acc.is_main_process:
-                tmp = out.with_name(out.name + ".tmp")
-                shutil.rmtree(tmp, ignore_errors=True)
-                with self._writing(out, staging=tmp):
-                    self.method.export(tmp)
-                    shutil.rmtree(out, ignore_errors=True)
-                    os.replace(tmp, out)
+            with self.sharding.full_weights(sharded, keep=self.acc.is_main_process) if sharded else nullcontext():
+                if self.acc.is_main_process:
+                    tmp = out.with_name(out.name + ".tmp")
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    with self._writing(out, staging=tmp):
+                        self.method.export(tmp)
+                        shutil.rmtree(out, ignore_errors=True)
+                        os.replace(tmp, out)
         finally:
             for name, params in stored.items():
                 self.emas[name].restore(params)
@@ -359,13 +400,41 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _nonfinite_state(self, extra: dict[str, torch.Tensor]) -> dict[str, int]:
-        """What a checkpoint would hold that is NaN / inf: parameters, optimiser states, EMA shadows, extra."""
+        """What a checkpoint would hold that is NaN / inf: parameters, optimiser states, EMA shadows, extra (this
+        process's part of sharded tensors)."""
         tensors = [(f"{net}/{n}", p) for net, named in self.params.items() for n, p in named]
         tensors += [(f"optimizer/{net}/{i}/{k}", v) for net, opt in self.opts.items()
                     for i, state in enumerate(opt.state.values()) for k, v in state.items()]
         tensors += [(f"ema/{net}/{i}", p) for net, ema in self.emas.items() for i, p in enumerate(ema.shadow_params)]
         tensors += [(f"extra/{k}", v) for k, v in extra.items()]
-        return nonfinite(tensors)
+        return nonfinite((name, local(t)) for name, t in tensors)
+
+    def _whole(self, t: torch.Tensor, keep: bool) -> torch.Tensor | None:
+        """A checkpoint tensor whole where ``keep``: a sharded one gathered (on every process) and moved to the CPU
+        one at a time; any other as it is (the writers copy it file by file)."""
+        whole = full_tensor(t)
+        if not keep:
+            return None
+        return whole.detach().cpu() if whole is not t else t
+
+    def _checkpoint_tensors(self, extra: dict[str, torch.Tensor]):
+        """Weights, optimiser and EMA states as whole tensors on the main process (None elsewhere); every process
+        takes part in gathering the sharded ones."""
+        keep = self.acc.is_main_process
+        weights = {net: [(n, self._whole(p, keep)) for n, p in named] for net, named in self.params.items()}
+        extra = {k: self._whole(v, keep) for k, v in extra.items()}
+        opts = {}
+        for net, opt in self.opts.items():
+            sd = opt.state_dict()
+            sd["state"] = {i: {k: self._whole(v, keep) if torch.is_tensor(v) else v for k, v in st.items()}
+                           for i, st in sd["state"].items()}
+            opts[net] = sd
+        emas = {}
+        for net, ema in self.emas.items():
+            sd = ema.state_dict()
+            sd["shadow_params"] = [self._whole(p, keep) for p in sd["shadow_params"]]
+            emas[net] = sd
+        return weights, extra, opts, emas
 
     def save_checkpoint(self) -> Path | None:
         """Model / optimiser / EMA / RNG / step state (see :mod:`.checkpoint`), written atomically; a state that
@@ -374,8 +443,9 @@ class Trainer:
             return None
         extra_t, extra_j = self.method.extra_state()
         bad = self._nonfinite_state(extra_t)
-        if bad:
-            raise TrainingFault(f"non-finite weights at step {self.step} ({describe_nonfinite(bad)}), not "
+        if any_process(bool(bad), self.acc.device):
+            where = describe_nonfinite(bad) if bad else "on another process"
+            raise TrainingFault(f"non-finite weights at step {self.step} ({where}), not "
                                 f"checkpointed; {self._last_good()}")
         final = checkpoint_dir(self.ckpt_root, self.step)
         tmp = checkpoint_dir(self.ckpt_root, self.step, staging=True)
@@ -386,19 +456,22 @@ class Trainer:
         self.acc.wait_for_everyone()
         with self._writing(final, staging=tmp):
             write_rng(tmp, self.acc.process_index, self.ctx.generator)
-        # replicas must hold identical weights (gradients are averaged); record each process's checksum
-        checksum = torch.stack([sum(p.detach().double().sum() for _, p in named) for named in self.params.values()])
-        checksums = self.acc.gather(checksum.to(self.acc.device)[None]).cpu()  # (num_processes, num_networks)
+        checksums = None
+        if self.sharding is None:  # replicas must hold identical weights; record each process's checksum
+            checksum = torch.stack([sum(p.detach().double().sum() for _, p in named)
+                                    for named in self.params.values()])
+            checksums = self.acc.gather(checksum.to(self.acc.device)[None]).cpu().tolist()  # (processes, networks)
+        weights, extra_full, opt_states, ema_states = self._checkpoint_tensors(extra_t)
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             with self._writing(final, staging=tmp):
-                write_weights(tmp, self.params, extra_t)
-                opt_j = write_optimizers(tmp, self.opts, self.scheds)
-                ema_j = write_ema(tmp, self.emas)
+                write_weights(tmp, weights, extra_full)
+                opt_j = write_optimizers(tmp, opt_states, self.scheds)
+                ema_j = write_ema(tmp, ema_states)
                 write_state(tmp, {
                     "step": self.step, "elapsed": self.elapsed(), "method": self.method.name, "optimizers": opt_j,
                     "ema": ema_j, "extra": extra_j, "num_processes": self.acc.num_processes,
-                    "replica_checksums": checksums.tolist(), "log_window": self.window})
+                    "strategy": self.strategy, "replica_checksums": checksums, "log_window": self.window})
                 publish(tmp, final, self.cfg.train.keep_checkpoints)
         self.acc.wait_for_everyone()
         return final

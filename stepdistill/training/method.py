@@ -71,6 +71,8 @@ class Method(abc.ABC):
     kind: ClassVar[str] = "distill"  # "distill" (stepdistill train) or "pretrain" (stepdistill pretrain)
     config: ClassVar[type[MethodConfig]]
     export_network: ClassVar[str] = "student"  # the network EMA averages by default and export writes
+    # why train.distributed.strategy=fsdp cannot shard this method (None: it can; see training/distributed.py)
+    fsdp_unsupported: ClassVar[str | None] = None
 
     def __init__(self, cfg: RunConfig, ctx: Context):
         self.cfg, self.ctx = cfg, ctx
@@ -126,6 +128,13 @@ class Method(abc.ABC):
         """The Denoiser view each network runs through, by network name: where ``train.precision_per_network``
         sets the precision of its forward passes (a network without one cannot take an entry)."""
         return {}
+
+    def frozen_networks(self) -> dict[str, nn.Module]:
+        """Frozen networks that run beside the trained ones, by name: fsdp shards them with the trained networks
+        and ``--dry-run`` counts them. Default: the teacher's network, when it has weights of its own."""
+        teacher = getattr(getattr(self, "bundle", None), "teacher", None)
+        net = getattr(teacher, "net", None)
+        return {"teacher": net} if isinstance(net, nn.Module) and any(True for _ in net.parameters()) else {}
 
     def ema_networks(self) -> list[str]:
         """The networks EMA averages when ``train.ema.networks`` is not given."""
