@@ -80,7 +80,7 @@ def table_rows(bench: str, plan: list, report: list[dict], first: str) -> list[d
     """The teacher's DDIM-50 row, then each run's row and its parts, with speed ratios against the teacher and
     against the mean of the ``first`` row's runs (the one-student DMD)."""
     teacher = next(r for r in report if r["method"] == "teacher" and r["steps"] == 50)
-    rows = [{**teacher, "benchmark": bench, "name": f"teacher {teacher['name']}"}]
+    rows = [{**teacher, "benchmark": bench}]
     by_run: dict[str, list[dict]] = {}
     for r in report:
         if r["method"] != "teacher":
