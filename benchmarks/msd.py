@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -56,14 +57,7 @@ def student_params(run: Path) -> int | None:
     if not files:
         return None
     with safetensors.safe_open(str(files[0]), "pt") as f:
-        return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
 def evaluate(model: str, runs: list[Path], out: Path, num_samples: int, extra: list[str]) -> list[dict]:

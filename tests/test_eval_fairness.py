@@ -46,7 +46,7 @@ def test_toy2d_run_is_judged_against_its_own_mixture(tmp_path):
     teacher, student = load_report(tmp_path / "rep" / "report.json").rows
     # the exact teacher of the square: 4 modes, all covered, nearly every sample within 3 std of one
     assert teacher.num_modes == 4 and teacher.modes_covered == 4 and teacher.on_mode > 0.9
-    assert teacher.sw2 < 0.5 and student.num_modes == 4  # judged against the 8-mode ring, sw2 is about 1
+    assert teacher.sw2 < 0.5 and student.num_modes == 4  # the teacher row on the square itself
 
 
 def test_data_flag_sets_the_teacher_mixture(tmp_path):
